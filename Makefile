@@ -1,0 +1,22 @@
+# Two commands set up everything on a fresh machine:
+#   make run    installs into .venv and runs the main job on the offline default (scikit-learn digits)
+#   make test   installs into .venv (with the dev extra) and runs the test suite
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: run test bench
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m trainer --config configs/digits.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/shortcut_heads.py

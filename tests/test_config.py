@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from trainer.config import Config, ConfigError, load
+
+from conftest import ROOT
+
+
+def test_defaults_are_the_offline_digits_run():
+    cfg = Config()
+    assert cfg.data.name == "digits" and cfg.model.arch == "resnet20" and cfg.heads.exits == []
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.05\n  epochs: 3\nlambda:\n  schedule: linear\n")
+    cfg = load(path, ["optim.epochs=7", "heads.exits=[layer1.0, layer2.1]", "neuron.surrogate=atan"])
+    assert cfg.optim.lr == 0.05 and cfg.optim.epochs == 7
+    assert cfg.heads.exits == ["layer1.0", "layer2.1"]
+    assert cfg.lambda_.schedule == "linear" and cfg.neuron.surrogate == "atan"
+    assert cfg.to_dict()["lambda"]["schedule"] == "linear"  # round-trips under the YAML key
+
+
+def test_round_trip_through_dict():
+    cfg = load(None, ["lambda.start=0.7", "data.timesteps=2"])
+    assert Config.model_validate(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("optim.lrr=0.1", "unknown key 'optim.lrr' (allowed: name, lr, momentum"),
+        ("bogus.x=1", "unknown key 'bogus' (allowed: data, model, neuron, heads, lambda, optim, run)"),
+        ("neuron.surrogate=relu", "'neuron.surrogate': Input should be 'atan', 'sigmoid', 'rectangle' or 'triangle'"),
+        ("data.timesteps=0", "'data.timesteps': Input should be greater than or equal to 1"),
+        ("lambda.start=1.5", "'lambda.start': Input should be less than or equal to 1"),
+        ("optim.lr=fast", "'optim.lr'"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as err:
+        load(None, [override])
+    message = str(err.value)
+    assert expected in message and "\n" not in message
+
+
+def test_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load(bad)
+    with pytest.raises(ConfigError, match=r"missing\.yaml: no such file"):
+        load(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping"):
+        load(listy)
+
+
+def test_cli_bad_key_exits_2_with_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--set", "model.arch=resnet9"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.arch" in lines[0] and "resnet20" in lines[0]

@@ -1,0 +1,153 @@
+"""Each loader reads small files that the tests write in the data set's real on-disk format."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.config import DataConfig
+from trainer.data import encode, load_data, split_indices
+
+CPU = torch.device("cpu")
+
+
+def test_digits_splits_are_disjoint_and_fixed():
+    a = load_data(DataConfig(batch_size=1000), CPU, seed=1)
+    b = load_data(DataConfig(batch_size=1000), CPU, seed=2)
+    assert (len(a.train.x), len(a.val.x), len(a.test.x)) == (1150, 288, 359)
+    assert torch.equal(a.val.x, b.val.x)  # the validation split does not depend on the run seed
+    assert a.train.x.min() == 0 and a.train.x.max() == 1 and a.num_classes == 10 and a.in_channels == 1
+
+
+def test_split_indices_partition_the_set():
+    parts = split_indices(100, (0.2, 0.3))
+    assert [len(p) for p in parts] == [20, 30, 50]
+    assert sorted(torch.cat(parts).tolist()) == list(range(100))
+
+
+def test_shuffled_batches_cover_the_set_once():
+    data = load_data(DataConfig(batch_size=100), CPU)
+    ys = torch.cat([y for _, y in data.train])
+    assert len(ys) == len(data.train.y) and len(data.train) == 12
+    assert torch.equal(ys.sort().values, data.train.y.sort().values)
+    assert not torch.equal(ys, data.train.y)
+
+
+def test_direct_and_poisson_encoding():
+    x = torch.tensor([[[[0.0, 1.0], [0.25, 0.75]]]]).repeat(500, 1, 1, 1)
+    direct = encode(x, 3, "direct")
+    assert direct.shape == (3, 500, 1, 2, 2) and torch.equal(direct[2], x)
+    torch.manual_seed(0)
+    spikes = encode(x, 8, "poisson")
+    assert set(spikes.unique().tolist()) == {0.0, 1.0}
+    rates = spikes.mean(dim=(0, 1)).flatten()
+    torch.testing.assert_close(rates, torch.tensor([0.0, 1.0, 0.25, 0.75]), atol=0.02, rtol=0)
+    frames = torch.rand(4, 6, 2, 5, 5)  # event frames arrive as [B, T, C, H, W]
+    assert torch.equal(encode(frames, 6, "direct"), frames.transpose(0, 1))
+
+
+def _write_idx(path, array: np.ndarray, magic: int):
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_mnist_reads_idx_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 50), ("t10k", 20)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 0x803)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 0x801)
+    data = load_data(DataConfig(name="mnist", root=str(tmp_path), batch_size=8), CPU)
+    assert (len(data.train.x), len(data.val.x), len(data.test.x)) == (40, 10, 20)
+    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.max() <= 1
+    assert sorted(data.test.y.tolist()) == sorted((np.arange(20) % 10).tolist())
+
+
+def _pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reads_python_pickles(tmp_path, monkeypatch, name):
+    import os
+
+    from torchvision.datasets import cifar
+
+    # the md5 sums of the real files cannot match files written here: check presence only
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    rng = np.random.default_rng(0)
+    batch = lambda n, key: {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: list(range(n))}  # noqa: E731
+    if name == "cifar10":
+        folder = tmp_path / "cifar-10-batches-py"
+        folder.mkdir()
+        for i in range(1, 6):
+            _pickle(folder / f"data_batch_{i}", batch(10, "labels"))
+        _pickle(folder / "test_batch", batch(10, "labels"))
+        _pickle(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
+    else:
+        folder = tmp_path / "cifar-100-python"
+        folder.mkdir()
+        _pickle(folder / "train", batch(50, "fine_labels"))
+        _pickle(folder / "test", batch(10, "fine_labels"))
+        _pickle(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
+    data = load_data(DataConfig(name=name, root=str(tmp_path), batch_size=4, val_fraction=0.2), CPU)
+    x, y = next(iter(data.train))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert sum(len(b[1]) for b in data.train) == 40 and sum(len(b[1]) for b in data.val) == 10
+    assert data.num_classes == (10 if name == "cifar10" else 100) and data.in_channels == 3
+
+
+def test_imagenet_reads_prepared_folders(tmp_path):
+    wnids = ["n01440764", "n01443537"]
+    torch.save(({w: (f"class {w}",) for w in wnids}, wnids * 2), tmp_path / "meta.bin")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2)):
+        for w in wnids:
+            (tmp_path / split / w).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / split / w / f"{w}_{i}.JPEG"
+                )
+    data = load_data(DataConfig(name="imagenet", root=str(tmp_path), image_size=32, batch_size=3), CPU)
+    x, y = next(iter(data.train))
+    assert x.shape == (3, 3, 32, 32) and data.num_classes == 2
+    assert sum(len(b[1]) for b in data.test) == 4 and sum(len(b[1]) for b in data.val) == 2
+
+
+def test_cifar10dvs_reads_aedat4_into_frames(tmp_path):
+    dv = pytest.importorskip("dv_processing", reason="dev extra: writes real AEDAT4 files")
+    root = tmp_path / "CIFAR10DVS"
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(100):  # tonic wants >= 1000 files to consider the set extracted
+            store = dv.EventStore()
+            for t in np.sort(rng.integers(0, 10_000, 20)):
+                store.push_back(int(t), int(rng.integers(128)), int(rng.integers(128)), bool(label % 2))
+            writer = dv.io.MonoCameraWriter(
+                str(root / cls / f"{i}.aedat4"), dv.io.MonoCameraWriter.EventOnlyConfig("DVS128", (128, 128))
+            )
+            writer.writeEvents(store)
+            del writer
+    (root / "CIFAR10DVS.zip").write_bytes(b"")  # the archive tonic checks for before extracting
+    data = load_data(DataConfig(name="cifar10dvs", root=str(tmp_path), timesteps=5, image_size=32,
+                                batch_size=6, limit=12), CPU)
+    x, y = next(iter(data.train))
+    assert x.shape == (6, 5, 2, 32, 32) and data.in_channels == 2 and data.num_classes == 10
+    assert x.sum() > 0
+    frames = encode(x, 5, "direct")
+    assert frames.shape == (5, 6, 2, 32, 32)
+    assert len(data.test.dataset) == 12 and len(data.val.dataset) == 12  # limit applies per split
+
+
+def test_missing_dvs_data_says_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CIFAR10-DVS not found under"):
+        load_data(DataConfig(name="cifar10dvs", root=str(tmp_path)), CPU)

@@ -1,0 +1,82 @@
+import itertools
+
+import pytest
+import torch
+
+from trainer.neuron import LIF, LIFFunction, lif_loop, surrogate_grad
+
+SURROGATES = ["atan", "sigmoid", "rectangle", "triangle"]
+
+
+@pytest.mark.parametrize(
+    "reset,detach,surrogate", list(itertools.product(["hard", "soft"], [False, True], SURROGATES))
+)
+def test_fused_equals_reference_loop(reset, detach, surrogate):
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(7, 3, 4, 5, dtype=torch.float64)
+    args = (0.3, 0.5, reset, detach, surrogate, 1.7)
+    ref = lif_loop(x, *args)
+    (ref_grad,) = torch.autograd.grad(ref, x, grad_out)
+    fused = LIFFunction.apply(x, *args, False)
+    (fused_grad,) = torch.autograd.grad(fused, x, grad_out)
+    assert ref.sum() > 0 and (ref == 0).any()  # the inputs actually cross the threshold
+    assert torch.equal(ref, fused)
+    torch.testing.assert_close(fused_grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_path_equals_eager():
+    torch.manual_seed(1)
+    x = torch.randn(4, 2, 3, 6, 6, requires_grad=True)
+    eager, compiled = LIF(backend="fused", compile=False), LIF(backend="fused", compile=True)
+    a = eager(x)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    b = compiled(x)
+    (gb,) = torch.autograd.grad(b.sum(), x)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(ga, gb)
+
+
+def test_dynamics_by_hand():
+    """Constant input 0.45, decay 0.5, threshold 0.5.
+
+    hard: charges .45, .675 (spike, v=0), .45, .675 ...            -> 0 1 0 1 0 1
+    soft: .45, .675 (spike, v=.175), .5375 (spike, v=.0375), .46875, .684 (spike), .542 (spike)
+    """
+    x = torch.full((6, 1), 0.45, dtype=torch.float64)
+    hard = LIF(decay=0.5, threshold=0.5, reset="hard")(x).flatten().tolist()
+    soft = LIF(decay=0.5, threshold=0.5, reset="soft")(x).flatten().tolist()
+    assert hard == [0, 1, 0, 1, 0, 1]
+    assert soft == [0, 1, 1, 0, 1, 1]
+
+
+@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("alpha", [0.5, 2.0, 4.0])
+def test_surrogate_integrates_to_one_and_peaks_at_threshold(surrogate, alpha):
+    """Each surrogate is the derivative of a smooth step from 0 to 1."""
+    xs = torch.linspace(-200, 200, 2_000_001, dtype=torch.float64)
+    g = surrogate_grad(xs, surrogate, alpha)
+    area = torch.trapezoid(g, xs).item()
+    assert area == pytest.approx(1.0, abs=6e-3)  # atan's 1/x^2 tails leave ~4e-3 outside +-200
+    assert g.argmax().item() in range(len(xs) // 2 - 20, len(xs) // 2 + 20) or surrogate == "rectangle"
+    assert (g >= 0).all()
+
+
+def test_detach_reset_changes_gradient():
+    torch.manual_seed(2)
+    x = torch.randn(6, 50, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for detach in (False, True):
+        (g,) = torch.autograd.grad(LIF(detach_reset=detach)(x).sum(), x)
+        grads.append(g)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_loop_backend_matches_fused_module():
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, 16, dtype=torch.float64, requires_grad=True)
+    a, b = LIF(backend="loop", surrogate="atan")(x), LIF(backend="fused", surrogate="atan")(x)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    (gb,) = torch.autograd.grad(b.sum(), x)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(ga, gb)

@@ -1,0 +1,51 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.config import LambdaConfig
+from trainer.schedule import balance, shortcut_loss
+
+SCHEDULES = ["linear", "cosine", "exponential", "step"]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_decays_from_start_to_end_monotonically(schedule):
+    cfg = LambdaConfig(schedule=schedule, start=0.9, end=0.1)
+    values = [balance(cfg, e, 11) for e in range(11)]
+    assert values[0] == pytest.approx(0.9) and values[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert len(set(values)) > 2
+
+
+def test_curve_shapes_differ_at_midpoint():
+    mid = {s: balance(LambdaConfig(schedule=s, start=1.0, end=0.0), 5, 11) for s in SCHEDULES}
+    assert mid["linear"] == pytest.approx(0.5)
+    assert mid["cosine"] == pytest.approx(0.5)
+    assert mid["exponential"] == pytest.approx((math.exp(-2.5) - math.exp(-5)) / (1 - math.exp(-5)))
+    assert mid["step"] == pytest.approx(1 - 1 / 3)  # floor(0.5 * 3) / 3 of the way
+    quarter = balance(LambdaConfig(schedule="cosine"), 2, 9)  # p = 0.25
+    assert quarter == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+
+
+def test_fraction_reaches_end_early_and_stays():
+    cfg = LambdaConfig(schedule="linear", start=1.0, end=0.2, fraction=0.5)
+    values = [balance(cfg, e, 11) for e in range(11)]
+    assert values[5] == pytest.approx(0.2) and values[10] == pytest.approx(0.2)
+    assert values[2] == pytest.approx(1.0 - 0.8 * 2 / 5)
+
+
+def test_constant_and_zero_fraction():
+    assert balance(LambdaConfig(schedule="constant", start=0.3, end=0.0), 7, 10) == 0.3
+    assert balance(LambdaConfig(schedule="linear", start=1.0, end=0.4, fraction=0.0), 0, 10) == 0.4
+    assert balance(LambdaConfig(schedule="cosine", start=0.8), 0, 1) == 0.0  # one epoch: p = 1
+
+
+def test_shortcut_loss_weights_main_and_mean_of_heads():
+    torch.manual_seed(0)
+    y = torch.randint(0, 5, (8,))
+    main, h1, h2 = (torch.randn(8, 5) for _ in range(3))
+    expected = 0.7 * F.cross_entropy(main, y) + 0.3 * (F.cross_entropy(h1, y) + F.cross_entropy(h2, y)) / 2
+    torch.testing.assert_close(shortcut_loss(main, [h1, h2], y, 0.3), expected)
+    torch.testing.assert_close(shortcut_loss(main, [], y, 0.3), F.cross_entropy(main, y))

@@ -1,0 +1,76 @@
+"""Checkpoints: ``model.pt`` holds the stripped inference model, ``last.pt`` the full training state.
+
+``model.pt`` = {config, num_classes, in_channels, state_dict (backbone only), metrics}; ``load_model``
+rebuilds the backbone from it. ``last.pt`` adds heads, optimizer, LR schedule and history for resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import Config, build
+from trainer.models import SpikingResNet, build_backbone, make_neuron
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "last.pt"
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write then rename, so a crash mid-save never leaves a truncated checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def save_model(
+    out_dir: Path, cfg: Config, backbone: SpikingResNet, num_classes: int, in_channels: int,
+    metrics: dict[str, float],
+) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / MODEL_FILE
+    _atomic_save(
+        {
+            "config": cfg.to_dict(),
+            "num_classes": num_classes,
+            "in_channels": in_channels,
+            "state_dict": backbone.state_dict(),
+            "metrics": metrics,
+        },
+        path,
+    )
+    return path
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> SpikingResNet:
+    """The inference model (no heads) in eval mode."""
+    blob = torch.load(path, map_location=device, weights_only=True)
+    cfg = build(blob["config"], str(path))
+    neuron = make_neuron(cfg.neuron, cuda=torch.device(device).type == "cuda")
+    model = build_backbone(cfg.model, neuron, blob["num_classes"], blob["in_channels"])
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval()
+
+
+def save_state(out_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_save(
+        {
+            "net": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "history": history,
+            "rng": torch.get_rng_state(),
+        },
+        out_dir / STATE_FILE,
+    )
+
+
+def load_state(out_dir: Path, device: torch.device) -> dict[str, Any] | None:
+    path = out_dir / STATE_FILE
+    return torch.load(path, map_location=device, weights_only=False) if path.exists() else None

@@ -1,0 +1,171 @@
+"""Typed trainer configuration: YAML files plus dotted ``key=value`` overrides.
+
+One format is shared by ``python -m trainer``, the search objective and exported configs.
+Every error is a ``ConfigError`` with a one-line message naming the source, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.neuron import Reset, Surrogate
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message is one line."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: Literal["digits", "mnist", "cifar10", "cifar100", "imagenet", "cifar10dvs"] = "digits"
+    root: str = "data"
+    download: bool = False
+    timesteps: int = Field(4, ge=1)
+    encoding: Literal["direct", "poisson"] = "direct"
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    image_size: int = Field(224, ge=8)
+    limit: int | None = Field(None, ge=1)
+
+
+class ModelConfig(Section):
+    arch: Literal["resnet19", "resnet20", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = (
+        "resnet20"
+    )
+    width: int | None = Field(None, ge=1)
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+
+
+class NeuronConfig(Section):
+    decay: float = Field(0.25, ge=0, le=1)
+    threshold: float = Field(0.5, gt=0)
+    reset: Reset = "hard"
+    detach_reset: bool = False
+    surrogate: Surrogate = "rectangle"
+    alpha: float = Field(1.0, gt=0)
+    backend: Literal["fused", "loop"] = "fused"
+    compile: Literal["auto", "always", "never"] = "auto"
+
+
+class HeadsConfig(Section):
+    exits: list[str] = Field(default_factory=list)
+    hidden: int = Field(0, ge=0)
+
+
+class LambdaConfig(Section):
+    schedule: Literal["constant", "linear", "cosine", "exponential", "step"] = "cosine"
+    start: float = Field(1.0, ge=0, le=1)
+    end: float = Field(0.0, ge=0, le=1)
+    fraction: float = Field(1.0, ge=0, le=1)
+    rate: float = Field(5.0, gt=0)
+    steps: int = Field(3, ge=1)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(20, ge=1)
+    amp: bool = True
+
+
+class RunConfig(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out_dir: str | None = None
+    resume: bool = False
+    grad_stats: bool = True
+
+
+class Config(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    neuron: NeuronConfig = Field(default_factory=NeuronConfig)
+    heads: HeadsConfig = Field(default_factory=HeadsConfig)
+    lambda_: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> str:
+    """Field names at ``loc`` (for unknown-key errors)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None
+        )
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    return ", ".join(f.alias or name for name, f in model.model_fields.items())
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}' (allowed: {_allowed(Config, first['loc'])})"
+    return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def build(data: dict[str, Any], source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, source)) from None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating sections as needed."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override: '{key}' goes through '{part}', which is not a section")
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (so ``3``, ``0.1``, ``[a, b]`` and ``true`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"override: '{item}' is not key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return data if data is not None else {}
+
+
+def load(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then each ``key=value`` override, validated once."""
+    data = read_yaml(path) if path else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    return build(data, str(path) if path else "config")

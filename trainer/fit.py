@@ -1,0 +1,180 @@
+"""The training loop shared by ``python -m trainer`` and every search trial."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from trainer.checkpoint import load_state, save_model, save_state
+from trainer.config import Config
+from trainer.data import Batches, encode, load_data
+from trainer.diagnostics import FiringRates, GradStats
+from trainer.heads import ShortcutNet
+from trainer.models import build_backbone, make_neuron
+from trainer.schedule import balance, shortcut_loss
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochReport:
+    """What the callback sees after each epoch (0-based ``epoch``)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    grad_stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    firing_rates: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    history: list[EpochReport]
+    test: dict[str, float]
+    stopped_early: bool
+    model: nn.Module  # the stripped inference model
+    model_path: Path | None = None
+
+    @property
+    def best_val_acc(self) -> float:
+        return max((r.metrics["val_acc"] for r in self.history), default=float("nan"))
+
+
+Callback = Callable[[EpochReport], bool | None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Batches, cfg: Config, device: torch.device, rates: FiringRates | None = None
+) -> dict[str, float]:
+    """Loss and accuracy of the main output; firing rates are collected into ``rates`` if given."""
+    model.eval()
+    loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    n = 0
+    with rates or nullcontext(), _autocast(device, cfg.optim.amp):
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = model(encode(x, cfg.data.timesteps, cfg.data.encoding)).float()
+            loss += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+            n += len(y)
+    return {"loss": loss.item() / max(n, 1), "acc": correct.item() / max(n, 1)}
+
+
+def _optimizer(cfg: Config, net: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -> FitResult:
+    """Train ``cfg``; after each epoch call ``callback(report)``, which may return True to stop.
+
+    Exceptions raised by the callback (e.g. ``optuna.TrialPruned``) propagate. A non-finite training
+    loss raises ``DivergedError``. With ``run.out_dir`` set, each epoch writes ``model.pt`` (stripped)
+    and ``last.pt`` (resume state); ``run.resume`` continues from ``last.pt``.
+    """
+    device = resolve_device(cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    data = load_data(cfg.data, device, cfg.run.seed)
+    neuron = make_neuron(cfg.neuron, device.type == "cuda")
+    backbone = build_backbone(cfg.model, neuron, data.num_classes, data.in_channels)
+    net = ShortcutNet(backbone, cfg.heads.exits, data.num_classes, neuron, cfg.heads.hidden).to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = _optimizer(cfg, net)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.epochs)
+    grads = GradStats(backbone) if cfg.run.grad_stats else None
+    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
+
+    history: list[EpochReport] = []
+    start_epoch = 0
+    if cfg.run.resume and out_dir and (state := load_state(out_dir, device)):
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        history = [EpochReport(**r) for r in state["history"]]
+        start_epoch = state["epoch"] + 1
+
+    epochs = cfg.optim.epochs
+    bar = tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress, initial=start_epoch, total=epochs)
+    stopped = False
+    for epoch in bar:
+        lam = balance(cfg.lambda_, epoch, epochs) if cfg.heads.exits else 0.0
+        lr = optimizer.param_groups[0]["lr"]
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        n = 0
+        for x, y in tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device, cfg.optim.amp):
+                main, heads = net(encode(x, cfg.data.timesteps, cfg.data.encoding))
+                loss = shortcut_loss(main.float(), [h.float() for h in heads], y, lam)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grads:
+                grads.update()
+            optimizer.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (main.detach().argmax(1) == y).sum()
+            n += len(y)
+        scheduler.step()
+        train_loss = loss_sum.item() / n
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss is {train_loss} at epoch {epoch}")
+        train_time = time.perf_counter() - t0
+
+        rates = FiringRates(backbone)
+        val = evaluate(backbone, data.val, cfg, device, rates)
+        metrics = {
+            "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val["loss"],
+            "val_acc": val["acc"], "lambda": lam, "lr": lr, "epoch_time": train_time,
+        }
+        report = EpochReport(epoch, metrics, grads.summary() if grads else {}, rates.summary())
+        history.append(report)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['acc']:.3f}", lam=f"{lam:.2f}")
+        if out_dir:
+            save_model(out_dir, cfg, backbone, data.num_classes, data.in_channels, metrics)
+            save_state(out_dir, net, optimizer, scheduler, epoch, [asdict(r) for r in history])
+        if callback and callback(report):
+            stopped = epoch < epochs - 1
+            break
+
+    test = evaluate(backbone, data.test, cfg, device)
+    model_path = None
+    if out_dir:
+        last = history[-1].metrics if history else {}
+        model_path = save_model(
+            out_dir, cfg, backbone, data.num_classes, data.in_channels,
+            {**last, "test_loss": test["loss"], "test_acc": test["acc"]},
+        )
+    return FitResult(history, {"test_loss": test["loss"], "test_acc": test["acc"]}, stopped, backbone, model_path)

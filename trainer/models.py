@@ -1,0 +1,165 @@
+"""Spiking ResNets on [T, B, C, H, W] tensors, with named block exits for shortcut heads.
+
+Convolutions and batch norm run on the time-flattened batch [T*B, ...] (tdBN style); LIF layers
+run on [T, B, ...]. Block exits are named like torchvision's modules: ``layer1.0``, ``layer1.1``...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from functools import partial
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from trainer.config import ModelConfig, NeuronConfig
+from trainer.neuron import LIF
+
+NeuronFactory = Callable[[], nn.Module]
+
+
+def time_distributed(module: nn.Module, x: Tensor) -> Tensor:
+    """Apply a per-image module to [T, B, ...] by folding time into the batch."""
+    return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout)
+    )
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, width: int, stride: int, neuron: NeuronFactory) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = conv_bn(cin, width, 3, stride)
+        self.lif1 = neuron()
+        self.conv2 = conv_bn(width, cout, 3)
+        self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+        self.lif2 = neuron()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.lif1(time_distributed(self.conv1, x))
+        out = time_distributed(self.conv2, out) + time_distributed(self.shortcut, x)
+        return self.lif2(out)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int, neuron: NeuronFactory) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = conv_bn(cin, width, 1)
+        self.lif1 = neuron()
+        self.conv2 = conv_bn(width, width, 3, stride)
+        self.lif2 = neuron()
+        self.conv3 = conv_bn(width, cout, 1)
+        self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+        self.lif3 = neuron()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.lif1(time_distributed(self.conv1, x))
+        out = self.lif2(time_distributed(self.conv2, out))
+        out = time_distributed(self.conv3, out) + time_distributed(self.shortcut, x)
+        return self.lif3(out)
+
+
+class ArchSpec(NamedTuple):
+    block: type[BasicBlock] | type[Bottleneck]
+    layers: tuple[int, ...]
+    width: int  # channels of the first stage; stage i has width * 2**i
+    stem: str  # "cifar": 3x3 conv; "imagenet": 7x7/2 conv + 3x3/2 max pool
+    fc_hidden: int | None  # ResNet-19 has a 256-unit spiking layer before the classifier
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "resnet19": ArchSpec(BasicBlock, (3, 3, 2), 128, "cifar", 256),
+    "resnet20": ArchSpec(BasicBlock, (3, 3, 3), 16, "cifar", None),
+    "resnet18": ArchSpec(BasicBlock, (2, 2, 2, 2), 64, "imagenet", None),
+    "resnet34": ArchSpec(BasicBlock, (3, 4, 6, 3), 64, "imagenet", None),
+    "resnet50": ArchSpec(Bottleneck, (3, 4, 6, 3), 64, "imagenet", None),
+    "resnet101": ArchSpec(Bottleneck, (3, 4, 23, 3), 64, "imagenet", None),
+    "resnet152": ArchSpec(Bottleneck, (3, 8, 36, 3), 64, "imagenet", None),
+}
+
+
+class SpikingResNet(nn.Module):
+    """Spiking ResNet; ``forward`` gives logits averaged over time, ``forward_taps`` adds exit features."""
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        in_channels: int,
+        neuron: NeuronFactory,
+        width: int | None = None,
+        stem: str = "auto",
+    ) -> None:
+        super().__init__()
+        spec = ARCHS[arch]
+        width = width or spec.width
+        stem = spec.stem if stem == "auto" else stem
+        self.stem = conv_bn(in_channels, width, 3) if stem == "cifar" else conv_bn(in_channels, width, 7, 2)
+        self.stem_lif = neuron()
+        self.stem_pool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+
+        self.exits: dict[str, int] = {}  # exit name -> channels
+        cin = width
+        self.stages = []
+        for i, blocks in enumerate(spec.layers):
+            stage_width = width * 2**i
+            stride = 1 if i == 0 else 2
+            modules = []
+            for j in range(blocks):
+                modules.append(spec.block(cin, stage_width, stride if j == 0 else 1, neuron))
+                cin = stage_width * spec.block.expansion
+                self.exits[f"layer{i + 1}.{j}"] = cin
+            self.add_module(f"layer{i + 1}", nn.Sequential(*modules))
+            self.stages.append(f"layer{i + 1}")
+
+        if spec.fc_hidden:
+            self.fc_hidden = nn.Linear(cin, spec.fc_hidden)
+            self.fc_lif = neuron()
+            cin = spec.fc_hidden
+        self.fc = nn.Linear(cin, num_classes)
+        self.arch = arch
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_taps(self, x: Tensor, taps: Collection[str] = ()) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits [B, classes] and the [T, B, C, H, W] outputs of the named block exits."""
+        out = self.stem_lif(time_distributed(self.stem, x))
+        out = time_distributed(self.stem_pool, out)
+        features: dict[str, Tensor] = {}
+        for stage in self.stages:
+            for j, block in enumerate(getattr(self, stage)):
+                out = block(out)
+                name = f"{stage}.{j}"
+                if name in taps:
+                    features[name] = out
+        out = out.mean(dim=(3, 4))  # global average pool: [T, B, C]
+        if hasattr(self, "fc_hidden"):
+            out = self.fc_lif(self.fc_hidden(out))
+        return self.fc(out).mean(0), features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_taps(x)[0]
+
+
+def make_neuron(cfg: NeuronConfig, cuda: bool) -> NeuronFactory:
+    """LIF layers as configured; ``compile: auto`` compiles the fused path on CUDA only."""
+    compile_ = cfg.compile == "always" or (cfg.compile == "auto" and cuda)
+    return partial(
+        LIF, cfg.decay, cfg.threshold, cfg.reset, cfg.detach_reset, cfg.surrogate, cfg.alpha,
+        cfg.backend, compile_,
+    )
+
+
+def build_backbone(cfg: ModelConfig, neuron: NeuronFactory, num_classes: int, in_channels: int) -> SpikingResNet:
+    return SpikingResNet(cfg.arch, num_classes, in_channels, neuron, cfg.width, cfg.stem)

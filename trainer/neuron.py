@@ -1,0 +1,169 @@
+"""Multi-step LIF neurons with surrogate gradients.
+
+Layout is [T, B, ...]. Dynamics per timestep t (v starts at 0):
+
+    h_t = decay * v_{t-1} + x_t            (charge; decay = 1 - 1/tau)
+    s_t = Heaviside(h_t - threshold)       (fire; backward uses a surrogate derivative)
+    v_t = h_t * (1 - s_t)                  (hard reset to 0)   or   h_t - threshold * s_t  (soft)
+
+Two implementations compute the same function:
+- ``lif_loop``: a plain per-timestep loop differentiated by autograd (the reference).
+- ``LIFFunction``: forward and backward written out over time, saving only h; its two loops are
+  compiled with ``torch.compile`` when ``compile=True`` (the fused path) and run eagerly otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import cache
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Surrogate = Literal["atan", "sigmoid", "rectangle", "triangle"]
+Reset = Literal["hard", "soft"]
+
+
+def surrogate_grad(x: Tensor, kind: Surrogate, alpha: float) -> Tensor:
+    """Derivative of the smooth stand-in for Heaviside(x); ``alpha`` sets sharpness (or 1/width)."""
+    if kind == "atan":
+        return alpha / 2 / (1 + (math.pi / 2 * alpha * x) ** 2)
+    if kind == "sigmoid":
+        sg = torch.sigmoid(alpha * x)
+        return alpha * sg * (1 - sg)
+    if kind == "rectangle":
+        return (x.abs() < 0.5 / alpha).to(x.dtype) * alpha
+    if kind == "triangle":
+        return (alpha - alpha * alpha * x.abs()).clamp(min=0)
+    raise ValueError(f"unknown surrogate {kind!r} (allowed: atan, sigmoid, rectangle, triangle)")
+
+
+class SpikeFn(torch.autograd.Function):
+    """Heaviside forward, surrogate derivative backward (used by the reference loop)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kind: Surrogate, alpha: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.kind, ctx.alpha = kind, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_grad(x, ctx.kind, ctx.alpha), None, None
+
+
+def lif_loop(
+    x: Tensor,
+    decay: float,
+    threshold: float,
+    reset: Reset,
+    detach_reset: bool,
+    surrogate: Surrogate,
+    alpha: float,
+) -> Tensor:
+    """Reference LIF: one autograd step per timestep."""
+    v = torch.zeros_like(x[0])
+    spikes = []
+    for t in range(x.shape[0]):
+        h = decay * v + x[t]
+        s = SpikeFn.apply(h - threshold, surrogate, alpha)
+        s_reset = s.detach() if detach_reset else s
+        v = h * (1 - s_reset) if reset == "hard" else h - threshold * s_reset
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+def _forward_loop(x: Tensor, decay: float, threshold: float, hard: bool) -> tuple[Tensor, Tensor]:
+    v = torch.zeros_like(x[0])
+    spikes, charges = [], []
+    for t in range(x.shape[0]):
+        h = decay * v + x[t]
+        s = (h >= threshold).to(x.dtype)
+        v = h * (1 - s) if hard else h - threshold * s
+        spikes.append(s)
+        charges.append(h)
+    return torch.stack(spikes), torch.stack(charges)
+
+
+def _backward_loop(
+    grad_s: Tensor,
+    h: Tensor,
+    decay: float,
+    threshold: float,
+    hard: bool,
+    detach_reset: bool,
+    surrogate: Surrogate,
+    alpha: float,
+) -> Tensor:
+    grad_x = []
+    grad_v = torch.zeros_like(h[0])
+    for t in range(h.shape[0] - 1, -1, -1):
+        sg = surrogate_grad(h[t] - threshold, surrogate, alpha)
+        if hard:
+            s = (h[t] >= threshold).to(h.dtype)
+            dv_dh = 1 - s if detach_reset else 1 - s - h[t] * sg
+        else:
+            dv_dh = torch.ones_like(sg) if detach_reset else 1 - threshold * sg
+        grad_h = grad_s[t] * sg + grad_v * dv_dh
+        grad_x.append(grad_h)
+        grad_v = grad_h * decay
+    return torch.stack(grad_x[::-1])
+
+
+@cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True)
+
+
+class LIFFunction(torch.autograd.Function):
+    """LIF over all timesteps with a hand-written backward through time."""
+
+    @staticmethod
+    def forward(ctx, x, decay, threshold, reset, detach_reset, surrogate, alpha, compile_):  # type: ignore[override]
+        fwd = _compiled(_forward_loop) if compile_ else _forward_loop
+        spikes, h = fwd(x, decay, threshold, reset == "hard")
+        ctx.save_for_backward(h)
+        ctx.args = (decay, threshold, reset == "hard", detach_reset, surrogate, alpha)
+        ctx.compile_ = compile_
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_s):  # type: ignore[override]
+        (h,) = ctx.saved_tensors
+        bwd = _compiled(_backward_loop) if ctx.compile_ else _backward_loop
+        return (bwd(grad_s.contiguous(), h, *ctx.args),) + (None,) * 7
+
+
+class LIF(nn.Module):
+    """Multi-step LIF layer. ``backend='fused'`` uses LIFFunction, ``'loop'`` the reference."""
+
+    def __init__(
+        self,
+        decay: float = 0.25,
+        threshold: float = 0.5,
+        reset: Reset = "hard",
+        detach_reset: bool = False,
+        surrogate: Surrogate = "rectangle",
+        alpha: float = 1.0,
+        backend: Literal["fused", "loop"] = "fused",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.decay, self.threshold, self.reset = decay, threshold, reset
+        self.detach_reset, self.surrogate, self.alpha = detach_reset, surrogate, alpha
+        self.backend, self.compile = backend, compile
+
+    def forward(self, x: Tensor) -> Tensor:
+        args = (self.decay, self.threshold, self.reset, self.detach_reset, self.surrogate, self.alpha)
+        if self.backend == "loop":
+            return lif_loop(x, *args)
+        return LIFFunction.apply(x, *args, self.compile)
+
+    def extra_repr(self) -> str:
+        return (
+            f"decay={self.decay}, threshold={self.threshold}, reset={self.reset}, "
+            f"surrogate={self.surrogate}, alpha={self.alpha}, backend={self.backend}"
+        )
