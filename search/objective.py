@@ -1,0 +1,73 @@
+"""The trainer as an Optuna objective: sample, train, report each epoch, record what happened."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import optuna
+
+from search.space import Space, suggest
+from trainer.config import ConfigError
+from trainer.fit import DivergedError, EpochReport, fit
+
+
+def metric(name: str, report: EpochReport, elapsed: float) -> float:
+    """One study metric after an epoch; ``train_time`` is the seconds spent training so far."""
+    if name == "spike_rate":
+        rates = report.firing_rates.values()
+        return statistics.mean(rates) if rates else 0.0
+    if name == "train_time":
+        return elapsed
+    return report.metrics[name]
+
+
+class Objective:
+    """Calls ``fit`` on base config + sampled values; prunes on the first metric (single objective).
+
+    User attrs per trial: ``config`` (resolved trainer config), ``history`` (per-epoch metrics),
+    ``grad_stats`` (first and last epoch), ``firing_rates`` (last epoch), ``epochs_run``, and
+    ``fail_reason`` when the loss diverged or the sampled config was invalid.
+    """
+
+    def __init__(self, space: Space) -> None:
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        study = self.space.study
+        nan = [math.nan] * len(study.metrics)
+        try:
+            cfg = self.space.config(suggest(trial, self.space.params))
+        except ConfigError as err:
+            trial.set_user_attr("fail_reason", str(err))
+            return nan if len(nan) > 1 else nan[0]
+        trial.set_user_attr("config", cfg.to_dict())
+        history: list[dict[str, float]] = []
+        grads: dict[str, dict] = {}
+        start = time.perf_counter()
+        last: list[float] = nan
+
+        def on_epoch(report: EpochReport) -> None:
+            nonlocal last
+            elapsed = time.perf_counter() - start
+            last = [metric(m, report, elapsed) for m in study.metrics]
+            history.append({**report.metrics, "spike_rate": metric("spike_rate", report, elapsed)})
+            grads.setdefault("first", report.grad_stats)
+            grads["last"] = report.grad_stats
+            trial.set_user_attr("history", history)
+            trial.set_user_attr("epochs_run", report.epoch + 1)
+            trial.set_user_attr("firing_rates", report.firing_rates)
+            trial.set_user_attr("grad_stats", grads)
+            if len(study.metrics) == 1:
+                trial.report(last[0], report.epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {report.epoch}")
+
+        try:
+            result = fit(cfg, on_epoch)
+        except DivergedError as err:
+            trial.set_user_attr("fail_reason", str(err))
+            return nan if len(nan) > 1 else nan[0]
+        trial.set_user_attr("test", result.test)
+        return last if len(last) > 1 else last[0]

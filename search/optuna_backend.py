@@ -1,0 +1,119 @@
+"""Run a space file as an Optuna study: sampler and pruner from YAML, a study-wide trial budget."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import optuna
+from optuna.samplers import BaseSampler
+from optuna.trial import FrozenTrial, TrialState
+
+from search.objective import Objective
+from search.space import Space, grid
+from search.storage import fail_stale
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def make_sampler(space: Space) -> BaseSampler:
+    s = space.study
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed)
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed)
+    if s.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed)
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
+    return optuna.samplers.GridSampler(grid(space.params), seed=s.seed)
+
+
+def make_pruner(space: Space) -> optuna.pruners.BasePruner:
+    epochs = space.config({}).optim.epochs
+    if space.study.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if space.study.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if space.study.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def create_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """Create the study once (or load it), recording the space's ``final`` overrides for export."""
+    study = optuna.create_study(
+        study_name=space.study.name,
+        storage=storage,
+        directions=space.study.directions,
+        sampler=make_sampler(space),
+        pruner=make_pruner(space),
+        load_if_exists=True,
+    )
+    if [d.name.lower() for d in study.directions] != space.study.directions:
+        raise ValueError(f"{space.path}: 'study.direction': the stored study {space.study.name!r} has "
+                         f"{[d.name.lower() for d in study.directions]}")
+    study.set_user_attr("metrics", space.study.metrics)
+    study.set_user_attr("final", space.final)
+    study.set_user_attr("space_file", str(space.path))
+    return study
+
+
+class Progress:
+    """One line per finished trial: number, state, value, best so far, params."""
+
+    def __init__(self, out: TextIO = sys.stdout) -> None:
+        self.out = out
+        self.started = time.perf_counter()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        value = trial.values if trial.values and len(trial.values) > 1 else trial.value
+        line = f"[{time.perf_counter() - self.started:6.0f}s] trial {trial.number} {trial.state.name.lower()}"
+        if value is not None:
+            line += f" value={_fmt(value)}"
+        if trial.state == TrialState.PRUNED:
+            line += f" at epoch {trial.last_step}"
+        if "fail_reason" in trial.user_attrs:
+            line += f" ({trial.user_attrs['fail_reason']})"
+        try:
+            best = study.best_trial if len(study.directions) == 1 else None
+            line += f" | best={_fmt(best.value)} (trial {best.number})" if best else \
+                f" | pareto front: {len(study.best_trials)} trials"
+        except ValueError:
+            pass
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+        print(f"{line} | {done} finished | {params}", file=self.out, flush=True)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def run(space: Space, storage: optuna.storages.BaseStorage, n_trials: int, timeout: float | None) -> optuna.Study:
+    """Run until the study holds ``n_trials`` finished trials (all workers together) or time runs out."""
+    study = create_study(space, storage)
+    stale = fail_stale(storage, study)
+    if stale:
+        print(f"failed stale trials left RUNNING by a dead worker: {stale}", flush=True)
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    if remaining <= 0:
+        print(f"study {space.study.name!r} already has {n_trials} finished trials", flush=True)
+        return study
+    print(f"study {space.study.name!r}: {remaining} more trials ({space.study.sampler}, "
+          f"pruner {space.study.pruner})", flush=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(
+        Objective(space),
+        n_trials=remaining,
+        timeout=timeout,
+        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), Progress()],
+    )
+    return study

@@ -1,0 +1,94 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer.checkpoint import load_model
+from trainer.config import load
+from trainer.data import encode, load_data
+from trainer.fit import DivergedError, fit
+
+from conftest import ROOT
+
+SMALL = ["data.limit=96", "data.batch_size=32", "model.width=4", "data.timesteps=2", "optim.epochs=2"]
+
+
+def test_fit_reports_metrics_grad_stats_and_firing_rates():
+    seen = []
+    result = fit(load(None, SMALL + ["heads.exits=[layer1.0, layer2.1]"]), seen.append)
+    assert [r.epoch for r in seen] == [0, 1] and result.history == seen
+    first = seen[0]
+    assert first.metrics["lambda"] == 1.0 and seen[1].metrics["lambda"] == 0.0
+    assert 0 <= first.metrics["val_acc"] <= 1 and first.metrics["train_loss"] > 0
+    conv_layers = {n for n, m in result.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert set(first.grad_stats) == {n[:-2] for n in conv_layers}  # every backbone conv layer
+    # lambda = 1: only the heads train, so nothing above layer2.1 gets gradient; lambda = 0: all layers do
+    assert first.grad_stats["layer1.0.conv1"]["mean"] > 0 and first.grad_stats["layer3.2.conv2"]["mean"] == 0
+    assert all(s["mean"] > 0 and s["var"] > 0 for s in seen[1].grad_stats.values())
+    assert "stem_lif" in first.firing_rates and all(0 <= r <= 1 for r in first.firing_rates.values())
+    assert 0 <= result.test["test_acc"] <= 1 and not result.stopped_early
+
+
+def test_callback_can_stop_and_exceptions_propagate():
+    result = fit(load(None, SMALL + ["optim.epochs=5"]), lambda r: r.epoch == 1)
+    assert len(result.history) == 2 and result.stopped_early
+
+    class Pruned(Exception):
+        pass
+
+    def prune(report):
+        raise Pruned
+
+    with pytest.raises(Pruned):
+        fit(load(None, SMALL), prune)
+
+
+def test_divergence_raises():
+    with pytest.raises(DivergedError, match="training loss is"):
+        fit(load(None, SMALL + ["optim.lr=1e30", "optim.momentum=0"]))
+
+
+def test_checkpoint_holds_stripped_model_with_same_outputs(tmp_path):
+    cfg = load(None, SMALL + ["heads.exits=[layer1.1]", f"run.out_dir={tmp_path}"])
+    result = fit(cfg)
+    model = load_model(result.model_path)
+    blob = torch.load(result.model_path, weights_only=True)
+    assert not any(k.startswith("heads") for k in blob["state_dict"])
+    assert blob["metrics"]["test_acc"] == result.test["test_acc"]
+    data = load_data(cfg.data, torch.device("cpu"))
+    x, _ = next(iter(data.test))
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(encode(x, 2, "direct")), result.model(encode(x, 2, "direct")))
+
+
+def test_resume_continues_after_the_last_epoch(tmp_path):
+    base = SMALL + [f"run.out_dir={tmp_path}"]
+    fit(load(None, base + ["optim.epochs=3"]), lambda r: r.epoch == 0)  # stops after epoch 0
+    seen = []
+    result = fit(load(None, base + ["optim.epochs=3", "run.resume=true"]), seen.append)
+    assert [r.epoch for r in seen] == [1, 2]
+    assert [r.epoch for r in result.history] == [0, 1, 2]
+    assert seen[0].metrics["lr"] < 0.1  # the cosine schedule resumed, not restarted
+
+
+def test_same_seed_same_result():
+    a = fit(load(None, SMALL))
+    b = fit(load(None, SMALL))
+    assert a.history[-1].metrics["train_loss"] == b.history[-1].metrics["train_loss"]
+
+
+def test_cli_trains_and_prints_final_metrics(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  limit: 64\n  timesteps: 2\nmodel:\n  width: 4\noptim:\n  epochs: 1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--config", str(config), "--set", f"run.out_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    final = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert math.isfinite(final["test_acc"]) and final["model"].endswith("model.pt")
+    assert "epochs" in proc.stderr  # the progress bar
