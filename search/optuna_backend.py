@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import TextIO
 
 import optuna
@@ -15,6 +16,10 @@ from search.space import Space, grid
 from search.storage import fail_stale
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class StudyMismatchError(ValueError):
+    """The stored study was created with other directions than the space file asks for."""
 
 
 def make_sampler(space: Space) -> BaseSampler:
@@ -54,8 +59,11 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.S
         load_if_exists=True,
     )
     if [d.name.lower() for d in study.directions] != space.study.directions:
-        raise ValueError(f"{space.path}: 'study.direction': the stored study {space.study.name!r} has "
+        raise StudyMismatchError(f"{space.path}: 'study.direction': the stored study {space.study.name!r} has "
                          f"{[d.name.lower() for d in study.directions]}")
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(space.study.metrics)  # optuna-dashboard shows these names
     study.set_user_attr("metrics", space.study.metrics)
     study.set_user_attr("final", space.final)
     study.set_user_attr("space_file", str(space.path))
@@ -65,7 +73,7 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.S
 class Progress:
     """One line per finished trial: number, state, value, best so far, params."""
 
-    def __init__(self, out: TextIO = sys.stdout) -> None:
+    def __init__(self, out: TextIO | None = None) -> None:
         self.out = out
         self.started = time.perf_counter()
 
@@ -86,7 +94,7 @@ class Progress:
         except ValueError:
             pass
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-        print(f"{line} | {done} finished | {params}", file=self.out, flush=True)
+        print(f"{line} | {done} finished | {params}", file=self.out or sys.stdout, flush=True)
 
 
 def _fmt(value: object) -> str:

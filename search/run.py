@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     n_trials = args.n_trials or space.study.n_trials
     timeout = args.timeout or space.study.timeout
     print(f"storage: {url}", flush=True)
+    from search.optuna_backend import StudyMismatchError
+
     if args.backend == "ray":
         from search.ray_backend import run
     else:
         from search.optuna_backend import run
     try:
         study = run(space, storage, n_trials, timeout)
-    except ValueError as err:  # e.g. the stored study has other directions
+    except StudyMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"done. browse: optuna-dashboard {url}\nexport: python search/export.py --study {study.study_name} "

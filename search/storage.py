@@ -10,6 +10,7 @@ RDB storages get heartbeats, so a trial whose process died is failed once it mis
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import optuna
@@ -37,12 +38,14 @@ def open_storage(url: str, heartbeat: int = 10) -> optuna.storages.BaseStorage:
         raise ValueError(f"storage: {url!r} is not an SQLAlchemy URL or a journal file (journal:path.log)") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    return RDBStorage(
-        url,
-        heartbeat_interval=heartbeat,
-        grace_period=3 * heartbeat,
-        engine_kwargs={"connect_args": {"timeout": 60}} if parsed.get_backend_name() == "sqlite" else {},
-    )
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url,
+            heartbeat_interval=heartbeat,
+            grace_period=3 * heartbeat,
+            engine_kwargs={"connect_args": {"timeout": 60}} if parsed.get_backend_name() == "sqlite" else {},
+        )
 
 
 def fail_stale(storage: optuna.storages.BaseStorage, study: optuna.Study) -> list[int]:
@@ -50,6 +53,8 @@ def fail_stale(storage: optuna.storages.BaseStorage, study: optuna.Study) -> lis
     running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
     if not running or not isinstance(storage, RDBStorage):
         return []
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     failed = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
     return [n for n in running if n in failed]

@@ -95,6 +95,7 @@ class Config(Section):
     lambda_: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    provenance: dict[str, Any] | None = None  # where an exported config came from; not used for training
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -1,0 +1,120 @@
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from search.space import SpaceError, grid, load_space, suggest
+
+from conftest import ROOT
+
+SPACE = """
+study: {name: s1, n_trials: 4, sampler: tpe, pruner: median}
+base:
+  data: {limit: 64}
+  optim: {epochs: 2}
+final:
+  optim.epochs: 5
+space:
+  lambda.schedule: {type: categorical, choices: [linear, exponential]}
+  lambda.rate: {type: float, low: 1.0, high: 8.0, log: true, when: {lambda.schedule: exponential}}
+  data.timesteps: {type: int, low: 1, high: 4}
+  heads.exits: {type: subset, choices: [layer1.0, layer2.0, layer3.0]}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_space_loads_and_builds_trial_configs(tmp_path):
+    space = load_space(write(tmp_path, SPACE), ["model.width=4"])
+    assert [p.key for p in space.params] == ["lambda.schedule", "lambda.rate", "data.timesteps", "heads.exits"]
+    assert space.study.directions == ["maximize"] and space.study.metrics == ["val_acc"]
+    cfg = space.config({"lambda.schedule": "exponential", "heads.exits": ["layer2.0"]})
+    assert cfg.model.width == 4 and cfg.lambda_.schedule == "exponential" and cfg.heads.exits == ["layer2.0"]
+    assert space.final_config(cfg.to_dict()).optim.epochs == 5
+
+
+def test_suggest_respects_conditions_and_subsets(tmp_path):
+    space = load_space(write(tmp_path, SPACE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = []
+    for _ in range(30):
+        trial = study.ask()
+        values = suggest(trial, space.params)
+        seen.append(values)
+        assert ("lambda.rate" in values) == (values["lambda.schedule"] == "exponential")
+        assert 1 <= values["data.timesteps"] <= 4
+        assert set(values["heads.exits"]) <= {"layer1.0", "layer2.0", "layer3.0"}
+        assert "heads.exits:layer1.0" in trial.params
+        study.tell(trial, 0.0)
+    assert {len(v["heads.exits"]) for v in seen} >= {0, 1, 2}
+
+
+def test_grid_expands_every_value(tmp_path):
+    text = """
+study: {name: g, sampler: grid}
+space:
+  lambda.start: {type: float, low: 0.2, high: 0.6, step: 0.2}
+  heads.exits: {type: subset, choices: [layer1.0]}
+"""
+    space_grid = grid(load_space(write(tmp_path, text)).params)
+    assert space_grid["lambda.start"] == pytest.approx([0.2, 0.4, 0.6])
+    assert space_grid["heads.exits:layer1.0"] == [False, True]
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("study: {name: a, sampler: bayes}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "'study.sampler': got 'bayes' (allowed: tpe, gp, cmaes, random, nsga2, grid)"),
+        ("study: {name: a, pruner: asha}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "'study.pruner': got 'asha' (allowed: median, hyperband, successive_halving, none)"),
+        ("study: {name: a, metric: accuracy}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "unknown metric 'accuracy' (allowed: val_acc, val_loss, spike_rate, train_time)"),
+        ("study: {name: a}\nspace: {lambda.start: {type: float, low: 1, high: 0}}",
+         "'space.lambda.start': needs low <= high"),
+        ("study: {name: a}\nspace: {lambda.start: {type: uniform}}",
+         "'space.lambda.start.type': required (allowed: float, int, categorical, subset)"),
+        ("study: {name: a}\nspace: {lambda.start: {type: float, low: 0, high: 1, when: {x.y: 1}}}",
+         "'space.lambda.start.when': 'x.y' must be a parameter listed earlier"),
+        ("study: {name: a}\nspace: {lambda.start: {type: float, low: 0, high: 2}}",
+         "'lambda.start': Input should be less than or equal to 1"),
+        ("study: {name: a}\nspace: {lambda.shape: {type: categorical, choices: [a]}}",
+         "unknown key 'lambda.shape' (allowed: schedule, start, end"),
+        ("study: {name: a}\nspace: {heads.exits: {type: subset, choices: [layer9.0]}}",
+         ""),  # exit names are checked when the net is built; see test_search
+        ("study: {name: a, metric: [val_acc, spike_rate]}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "'study.pruner': Optuna cannot prune multi-objective studies (allowed: none)"),
+        ("study: {name: a}\nbogus: 1", "'bogus': unknown section (allowed: study, base, final, space)"),
+        ("study: {name: a, sampler: grid}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "grid needs a step for float parameters"),
+        ("study: {name: a}\nbase: {optim: {lr: -1}}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "'optim.lr': Input should be greater than 0"),
+        ("study: {name: a}\nfinal: {optim.epochs: 0}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "final: bad value for 'optim.epochs'"),
+    ],
+)
+def test_bad_space_gives_one_line_error_naming_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    if not expected:
+        load_space(path)
+        return
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    message = str(err.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_cli_bad_space_exits_2_and_creates_no_study(tmp_path):
+    path = write(tmp_path, "study: {name: a, sampler: bayes}\nspace: {lambda.start: {type: float, low: 0, high: 1}}")
+    db = tmp_path / "a.db"
+    proc = subprocess.run(
+        [sys.executable, "search/run.py", "--space", str(path), "--storage", f"sqlite:///{db}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "study.sampler" in proc.stderr
+    assert not db.exists()
