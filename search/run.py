@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the base trainer config, e.g. --set data.name=cifar10 (repeatable)")
-    parser.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
+    parser.add_argument("--backend", choices=["optuna"], default="optuna")
     return parser.parse_args(argv)
 
 
@@ -46,12 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     n_trials = args.n_trials or space.study.n_trials
     timeout = args.timeout or space.study.timeout
     print(f"storage: {url}", flush=True)
-    from search.optuna_backend import StudyMismatchError
+    from search.optuna_backend import StudyMismatchError, run
 
-    if args.backend == "ray":
-        from search.ray_backend import run
-    else:
-        from search.optuna_backend import run
     try:
         study = run(space, storage, n_trials, timeout)
     except StudyMismatchError as err:

@@ -118,3 +118,30 @@ def test_cli_bad_space_exits_2_and_creates_no_study(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "study.sampler" in proc.stderr
     assert not db.exists()
+
+
+SHIPPED = sorted((ROOT / "spaces").glob("*.yaml"))
+
+
+def test_ships_the_documented_spaces():
+    assert {p.stem for p in SHIPPED} >= {"lambda_decay", "head_positions", "timesteps", "full"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_space_switches_to_paper_scale_by_override(path):
+    space = load_space(path, ["data.name=cifar10", "data.download=true", "model.arch=resnet19",
+                              "optim.epochs=300"])
+    cfg = space.config({})
+    assert cfg.data.name == "cifar10" and cfg.model.arch == "resnet19" and cfg.optim.epochs == 300
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_space_runs_a_trial(tmp_path, path):
+    from search import run as run_cli
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    args = ["--space", str(path), "--storage", url, "--n-trials", "1", "--set", "data.limit=32",
+            "--set", "optim.epochs=1", "--set", "model.width=4"]
+    assert run_cli.main(args) == 0
+    trial = optuna.load_study(study_name=load_space(path).study.name, storage=url).trials[0]
+    assert trial.state.name == "COMPLETE" and trial.user_attrs["epochs_run"] == 1
