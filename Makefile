@@ -8,12 +8,11 @@ STAMP := .venv/.installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m trainer --config configs/digits.yaml
+	$(PY) search/run.py --space spaces/lambda_decay.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
