@@ -32,7 +32,7 @@ def test_round_trip_through_dict():
     "override,expected",
     [
         ("optim.lrr=0.1", "unknown key 'optim.lrr' (allowed: name, lr, momentum"),
-        ("bogus.x=1", "unknown key 'bogus' (allowed: data, model, neuron, heads, lambda, optim, run)"),
+        ("bogus.x=1", "unknown key 'bogus' (allowed: data, model, neuron, heads, lambda, optim, run, provenance)"),
         ("neuron.surrogate=relu", "'neuron.surrogate': Input should be 'atan', 'sigmoid', 'rectangle' or 'triangle'"),
         ("data.timesteps=0", "'data.timesteps': Input should be greater than or equal to 1"),
         ("lambda.start=1.5", "'lambda.start': Input should be less than or equal to 1"),

@@ -1,0 +1,85 @@
+"""Training-step time with shortcut heads vs. without, per spiking ResNet.
+
+    python benchmarks/heads_overhead.py [--device cpu|cuda] [--archs resnet20 resnet19 ...] [--batch 64]
+
+Heads sit at the end of every stage but the last (pool + linear, the paper's cheap head; and the
+1x1-conv head with ``--hidden 32``). Inputs are random images of the arch's usual size (8x8 digits for
+``resnet20`` on CPU, 32x32 CIFAR otherwise, 64x64 for ImageNet-style nets to keep memory small), T=4.
+The ratio is with-heads time / plain time, measured in the same run; the last column estimates one
+CIFAR-10 training epoch (40,000 images) from the plain step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from trainer.config import NeuronConfig
+from trainer.heads import ShortcutNet
+from trainer.models import ARCHS, SpikingResNet, make_neuron
+from trainer.schedule import shortcut_loss
+
+
+def step_ms(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, amp: bool) -> float:
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            main, heads = net(x)
+            loss = shortcut_loss(main.float(), [h.float() for h in heads], y, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--archs", nargs="+", default=["resnet20", "resnet19", "resnet18", "resnet34"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--timesteps", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    neuron = make_neuron(NeuronConfig(), cuda)
+    print(f"# device {device}, batch {args.batch}, T={args.timesteps}, head hidden={args.hidden}, "
+          f"{'bf16 autocast, channels_last, compiled LIF' if cuda else 'fp32, eager LIF'}")
+    print("| arch | input | heads at | ms/step plain | ms/step heads | overhead | CIFAR-10 epoch (plain) |")
+    print("|---|---|---|---|---|---|---|")
+    for arch in args.archs:
+        size = 8 if arch == "resnet20" and not cuda else (64 if ARCHS[arch].stem == "imagenet" else 32)
+        channels = 1 if size == 8 else 3
+        torch.manual_seed(0)
+        backbone = SpikingResNet(arch, 10, channels, neuron)
+        stage_ends = [f"layer{i + 1}.{n - 1}" for i, n in enumerate(ARCHS[arch].layers[:-1])]
+        x = torch.rand(args.timesteps, args.batch, channels, size, size, device=device)
+        y = torch.randint(0, 10, (args.batch,), device=device)
+        times = []
+        for exits in ([], stage_ends):
+            net = ShortcutNet(backbone, exits, 10, neuron, args.hidden).to(device)
+            if cuda:
+                net = net.to(memory_format=torch.channels_last)
+            times.append(step_ms(net, x, y, args.repeats, amp=cuda))
+        epoch_s = times[0] / 1000 * 40_000 / args.batch
+        print(f"| {arch} | {size}x{size} | {', '.join(stage_ends)} | {times[0]:.1f} | {times[1]:.1f} | "
+              f"{(times[1] / times[0] - 1) * 100:+.1f}% | {epoch_s:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
