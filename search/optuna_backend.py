@@ -11,6 +11,7 @@ import optuna
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
+from search.budget import Heartbeat, ask_within
 from search.objective import Objective
 from search.space import Space, grid
 from search.storage import fail_stale
@@ -70,6 +71,13 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.S
     return study
 
 
+def _others_running(study: optuna.Study, storage: optuna.storages.BaseStorage) -> bool:
+    """Other workers' trials still RUNNING, where heartbeats can tell whether their worker died."""
+    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
+        return False
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
 class Progress:
     """One line per finished trial: number, state, value, best so far, params."""
 
@@ -105,23 +113,41 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def run(space: Space, storage: optuna.storages.BaseStorage, n_trials: int, timeout: float | None) -> optuna.Study:
-    """Run until the study holds ``n_trials`` finished trials (all workers together) or time runs out."""
+def run(space: Space, storage: optuna.storages.BaseStorage, url: str, n_trials: int,
+        timeout: float | None) -> optuna.Study:
+    """Ask, train and tell until the study holds ``n_trials`` trials (all workers together) or time is up.
+
+    The ask-and-tell loop (rather than ``study.optimize``) lets every ask happen under the budget lock.
+    """
     study = create_study(space, storage)
-    stale = fail_stale(storage, study)
-    if stale:
-        print(f"failed stale trials left RUNNING by a dead worker: {stale}", flush=True)
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
-    if remaining <= 0:
-        print(f"study {space.study.name!r} already has {n_trials} finished trials", flush=True)
-        return study
-    print(f"study {space.study.name!r}: {remaining} more trials ({space.study.sampler}, "
-          f"pruner {space.study.pruner})", flush=True)
+    objective, progress = Objective(space), Progress()
+    started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(
-        Objective(space),
-        n_trials=remaining,
-        timeout=timeout,
-        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED), Progress()],
-    )
+    announced = False
+    while timeout is None or time.perf_counter() - started < timeout:
+        stale = fail_stale(storage, study)
+        if stale:
+            print(f"failed stale trials left RUNNING by a dead worker: {stale}", flush=True)
+        trial = ask_within(study, storage, url, n_trials)
+        if trial is None:
+            if not _others_running(study, storage):
+                break
+            time.sleep(storage.get_heartbeat_interval())  # wait: they finish, or go stale and are failed
+            continue
+        if not announced:
+            print(f"study {space.study.name!r}: running trials up to {n_trials} ({space.study.sampler}, "
+                  f"pruner {space.study.pruner})", flush=True)
+            announced = True
+        with Heartbeat(storage, trial):
+            try:
+                frozen = study.tell(trial, objective(trial))
+            except optuna.TrialPruned:
+                frozen = study.tell(trial, state=TrialState.PRUNED)
+            except BaseException as err:  # Ctrl-C, out of memory, ...: never leave it RUNNING
+                trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+                study.tell(trial, state=TrialState.FAIL)
+                raise
+        progress(study, frozen)
+    if not announced:
+        print(f"study {space.study.name!r} already has {n_trials} trials", flush=True)
     return study

@@ -28,7 +28,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the base trainer config, e.g. --set data.name=cifar10 (repeatable)")
-    parser.add_argument("--backend", choices=["optuna"], default="optuna")
+    parser.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
+                        help="optuna: this process runs trials (start more processes for more workers); "
+                        "ray: Ray Tune runs them in parallel")
+    ray = parser.add_argument_group("ray backend")
+    ray.add_argument("--address", help="join a running Ray cluster, e.g. auto or ray://head:10001 "
+                     "(default: start Ray on this machine)")
+    ray.add_argument("--cpus-per-trial", type=float, default=1)
+    ray.add_argument("--gpus-per-trial", type=float, default=0, help="fractions share a GPU, e.g. 0.25")
+    ray.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
     return parser.parse_args(argv)
 
 
@@ -46,10 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     n_trials = args.n_trials or space.study.n_trials
     timeout = args.timeout or space.study.timeout
     print(f"storage: {url}", flush=True)
-    from search.optuna_backend import StudyMismatchError, run
+    from search.optuna_backend import StudyMismatchError
 
     try:
-        study = run(space, storage, n_trials, timeout)
+        if args.backend == "ray":
+            from search.ray_backend import run as run_ray
+
+            study = run_ray(space, storage, url, n_trials, timeout, args.address, args.cpus_per_trial,
+                            args.gpus_per_trial, args.max_concurrent)
+        else:
+            from search.optuna_backend import run
+
+            study = run(space, storage, url, n_trials, timeout)
     except StudyMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -69,7 +69,7 @@ def test_run_resume_export_retrain(tmp_path, capsys):
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
     assert len(trials(url)) == 3
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
-    assert "already has 3 finished trials" in capsys.readouterr().out and len(trials(url)) == 3
+    assert "already has 3 trials" in capsys.readouterr().out and len(trials(url)) == 3
 
     assert export_cli.main(["--study", "tiny", "--storage", url, "--out", str(tmp_path / "exp")]) == 0
     best_file = tmp_path / "exp" / "best.yaml"
