@@ -72,13 +72,18 @@ def exported(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> dict:
     return config
 
 
-def export(study_name: str, storage_url: str, out_dir: Path, top_k: int = 1, pareto: bool = False) -> list[Path]:
+def load_study(study_name: str, storage_url: str) -> optuna.Study:
+    """An existing study; ValueError (one line) if the database or the study is missing."""
     if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).exists():
         raise ValueError(f"storage {storage_url}: no such database file")
     try:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     except KeyError:
         raise ValueError(f"storage {storage_url}: no study named {study_name!r}") from None
+
+
+def export(study_name: str, storage_url: str, out_dir: Path, top_k: int = 1, pareto: bool = False) -> list[Path]:
+    study = load_study(study_name, storage_url)
     trials = select(study, top_k, pareto)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "best.yaml"]

@@ -194,3 +194,46 @@ def test_killed_worker_leaves_no_running_trial(tmp_path):
     states = [t.state for t in trials(url)]
     assert TrialState.RUNNING not in states and states[0] == TrialState.FAIL
     assert states.count(TrialState.COMPLETE) == 1  # the budget counts the failed trial too
+
+
+def test_report_is_one_self_contained_html_with_every_section(tmp_path):
+    from html.parser import HTMLParser
+
+    from search import report as report_cli
+
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    space = space_file(tmp_path, space="  lambda.start: {type: float, low: 0.1, high: 1.0}\n"
+                       "  data.timesteps: {type: int, low: 1, high: 3}\n"
+                       "  heads.exits: {type: subset, choices: [layer1.0]}\n")
+    assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "4"]) == 0
+    out = tmp_path / "report.html"
+    assert report_cli.main(["--study", "tiny", "--storage", url, "--out", str(out)]) == 0
+
+    class Parse(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.headings, self.divs, self.scripts, self.external, self._tag = [], 0, [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            self._tag = tag
+            attrs = dict(attrs)
+            self.divs += tag == "div" and "plotly-graph-div" in attrs.get("class", "")
+            if tag == "script" and attrs.get("src"):
+                self.external.append(attrs["src"])
+
+        def handle_data(self, data):
+            if self._tag == "h2":
+                self.headings.append(data)
+            if self._tag == "script":
+                self.scripts.append(data)
+
+    page = Parse()
+    page.feed(out.read_text())
+    assert page.headings == [
+        "Optimization history", "Parameter importances", "Parallel coordinates", "Lambda curves of the top trials",
+        "Per-layer gradient magnitude: best trial vs. best without heads", "val_acc vs. timesteps",
+    ]
+    assert page.divs == 6 and not page.external  # plotly.js is inlined: opens offline
+    assert sum("Plotly.newPlot" in s for s in page.scripts) == 6
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert f"trial {study.best_trial.number}" in out.read_text()
