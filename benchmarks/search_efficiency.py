@@ -1,0 +1,65 @@
+"""TPE + Hyperband vs. random search without pruning, on a shipped space (offline digits by default).
+
+    python benchmarks/search_efficiency.py [--space spaces/lambda_decay.yaml] [--trials 12] [--set key=value ...]
+
+Both searches run the same number of trials in fresh SQLite studies. The table gives each one's best
+value, the training epochs it spent in all, trials per minute (end to end, this process), and the
+epochs TPE + Hyperband needed to first reach random search's best value, as a fraction of random
+search's epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from search.optuna_backend import run
+from search.space import load_space
+from search.storage import open_storage
+
+
+def search(space_path: str, overrides: list[str], sampler: str, pruner: str, trials: int) -> dict:
+    space = load_space(space_path, overrides)
+    space.study.sampler, space.study.pruner = sampler, pruner
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{Path(tmp) / 'study.db'}"
+        t0 = time.perf_counter()
+        study = run(space, open_storage(url, space.study.heartbeat), url, trials, None)
+        seconds = time.perf_counter() - t0
+        done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    curve, spent, best = [], 0, float("-inf")
+    for t in sorted(done, key=lambda t: t.number):
+        spent += t.user_attrs.get("epochs_run", 0)
+        history = [h["val_acc"] for h in t.user_attrs.get("history", [])]
+        best = max([best, *history]) if t.state == TrialState.PRUNED else max(best, t.value)
+        curve.append((spent, best))
+    return {"curve": curve, "epochs": spent, "best": best, "per_min": len(done) / seconds * 60, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", default="spaces/lambda_decay.yaml")
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    rand = search(args.space, args.overrides, "random", "none", args.trials)
+    tpe = search(args.space, args.overrides, "tpe", "hyperband", args.trials)
+    reach = next((e for e, b in tpe["curve"] if b >= rand["best"]), None)
+    print(f"\n# {args.space}, {args.trials} trials each, val_acc (a pruned trial counts its best epoch)")
+    print("| search | best val acc | epochs spent | trials/min | wall s |")
+    print("|---|---|---|---|---|")
+    for name, r in (("random, no pruning", rand), ("TPE + Hyperband", tpe)):
+        print(f"| {name} | {r['best']:.3f} | {r['epochs']} | {r['per_min']:.1f} | {r['seconds']:.0f} |")
+    if reach is None:
+        print(f"\nTPE + Hyperband did not reach random search's best ({rand['best']:.3f}) in {tpe['epochs']} epochs")
+    else:
+        print(f"\nepochs to reach random search's best ({rand['best']:.3f}): {reach} of {rand['epochs']} "
+              f"= {reach / rand['epochs']:.0%}")
+
+
+if __name__ == "__main__":
+    main()
