@@ -12,10 +12,9 @@ CIFAR-10 training epoch (40,000 images) from the plain step time.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
+from timing import time_ms
 
 from trainer.config import NeuronConfig
 from trainer.heads import ShortcutNet
@@ -34,16 +33,7 @@ def step_ms(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats * 1000
+    return time_ms(step, repeats, x.is_cuda)[0]
 
 
 def main() -> None:

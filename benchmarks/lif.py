@@ -13,10 +13,10 @@ Install the others with ``pip install -e '.[bench]'``.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
+from timing import time_ms
 
 from trainer.neuron import LIF, lif_loop
 
@@ -69,16 +69,8 @@ def timed(fn: Callable, x: torch.Tensor, repeats: int) -> tuple[float, torch.Ten
         s.backward(torch.ones_like(s))
         return s, x.grad
 
-    for _ in range(3):
-        step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        s, g = step()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats * 1000, s.detach(), g.clone()
+    ms, (s, g) = time_ms(step, repeats, x.is_cuda)
+    return ms, s.detach(), g.clone()
 
 
 def main() -> None:
