@@ -23,6 +23,32 @@ def metric(name: str, report: EpochReport, elapsed: float) -> float:
     return report.metrics[name]
 
 
+class TrialRecord:
+    """What a trial keeps after each epoch, shared by the Optuna and Ray backends.
+
+    ``attrs`` become the trial's user attrs: ``history`` (per-epoch metrics), ``grad_stats`` (first and
+    last epoch), ``firing_rates`` (last epoch), ``epochs_run``.
+    """
+
+    def __init__(self, metrics: list[str]) -> None:
+        self.metrics = metrics
+        self.values = [math.nan] * len(metrics)
+        self.history: list[dict[str, float]] = []
+        self.grads: dict[str, dict] = {}
+        self.attrs: dict[str, object] = {}
+        self.started = time.perf_counter()
+
+    def update(self, report: EpochReport) -> list[float]:
+        elapsed = time.perf_counter() - self.started
+        self.values = [metric(m, report, elapsed) for m in self.metrics]
+        self.history.append({**report.metrics, "spike_rate": metric("spike_rate", report, elapsed)})
+        self.grads.setdefault("first", report.grad_stats)
+        self.grads["last"] = report.grad_stats
+        self.attrs = {"history": self.history, "epochs_run": report.epoch + 1,
+                      "firing_rates": report.firing_rates, "grad_stats": self.grads}
+        return self.values
+
+
 class Objective:
     """Calls ``fit`` on base config + sampled values; prunes on the first metric (single objective).
 
@@ -43,24 +69,14 @@ class Objective:
             trial.set_user_attr("fail_reason", str(err))
             return nan if len(nan) > 1 else nan[0]
         trial.set_user_attr("config", cfg.to_dict())
-        history: list[dict[str, float]] = []
-        grads: dict[str, dict] = {}
-        start = time.perf_counter()
-        last: list[float] = nan
+        record = TrialRecord(study.metrics)
 
         def on_epoch(report: EpochReport) -> None:
-            nonlocal last
-            elapsed = time.perf_counter() - start
-            last = [metric(m, report, elapsed) for m in study.metrics]
-            history.append({**report.metrics, "spike_rate": metric("spike_rate", report, elapsed)})
-            grads.setdefault("first", report.grad_stats)
-            grads["last"] = report.grad_stats
-            trial.set_user_attr("history", history)
-            trial.set_user_attr("epochs_run", report.epoch + 1)
-            trial.set_user_attr("firing_rates", report.firing_rates)
-            trial.set_user_attr("grad_stats", grads)
+            values = record.update(report)
+            for key, value in record.attrs.items():
+                trial.set_user_attr(key, value)
             if len(study.metrics) == 1:
-                trial.report(last[0], report.epoch)
+                trial.report(values[0], report.epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {report.epoch}")
 
@@ -70,4 +86,4 @@ class Objective:
             trial.set_user_attr("fail_reason", str(err))
             return nan if len(nan) > 1 else nan[0]
         trial.set_user_attr("test", result.test)
-        return last if len(last) > 1 else last[0]
+        return record.values if len(record.values) > 1 else record.values[0]

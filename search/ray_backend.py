@@ -22,10 +22,10 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from search.objective import metric  # noqa: E402
+from search.objective import TrialRecord  # noqa: E402
 from search.optuna_backend import create_study, make_sampler  # noqa: E402
 from search.space import Param, Space, suggest  # noqa: E402
-from trainer.fit import DivergedError, fit  # noqa: E402
+from trainer.fit import DivergedError, EpochReport, fit  # noqa: E402
 
 
 def _scheduler(space: Space, epochs: int):
@@ -44,18 +44,13 @@ def _trainable(space: Space):
 
     def train(params: dict[str, Any]) -> None:
         cfg = space.config(params["values"])
-        history: list[dict] = []
-        grads: dict[str, dict] = {}
+        record = TrialRecord(space.study.metrics)
 
-        def on_epoch(report) -> None:
-            history.append(report.metrics)
-            grads.setdefault("first", report.grad_stats)
-            grads["last"] = report.grad_stats
-            values = {m: metric(m, report, sum(h["epoch_time"] for h in history)) for m in space.study.metrics}
+        def on_epoch(report: EpochReport) -> None:
+            values = dict(zip(space.study.metrics, record.update(report)))
             # nested attrs travel as JSON strings: Tune would flatten dicts and its loggers reject lists
             tune.report({**values, "epochs_run": report.epoch + 1, "epochs_total": cfg.optim.epochs,
-                         "attrs": json.dumps({"config": cfg.to_dict(), "history": history, "grad_stats": grads,
-                                              "firing_rates": report.firing_rates, "epochs_run": report.epoch + 1})})
+                         "attrs": json.dumps({"config": cfg.to_dict(), **record.attrs})})
 
         try:
             fit(cfg, on_epoch)

@@ -1,6 +1,5 @@
 """Each loader reads small files that the tests write in the data set's real on-disk format."""
 
-import gzip
 import pickle
 import struct
 

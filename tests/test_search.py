@@ -1,8 +1,6 @@
 """End to end: a tiny study in SQLite, resumed, exported, retrained, read by optuna-dashboard and optuna's CLI."""
 
-import io
 import json
-import math
 import os
 import signal
 import subprocess
