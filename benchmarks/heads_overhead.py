@@ -5,13 +5,15 @@
 Heads sit at the end of every stage but the last (pool + linear, the paper's cheap head; and the
 1x1-conv head with ``--hidden 32``). Inputs are random images of the arch's usual size (8x8 digits for
 ``resnet20`` on CPU, 32x32 CIFAR otherwise, 64x64 for ImageNet-style nets to keep memory small), T=4.
-The ratio is with-heads time / plain time, measured in the same run; the last column estimates one
+Plain and heads runs alternate for ``--rounds`` rounds and the medians are compared, so drift in machine
+speed hits both alike. The ratio is with-heads time / plain time, measured in the same run; the last column estimates one
 CIFAR-10 training epoch (40,000 images) from the plain step time.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from timing import time_ms
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating plain/heads rounds; medians are shown")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -60,12 +63,11 @@ def main() -> None:
         stage_ends = [f"layer{i + 1}.{n - 1}" for i, n in enumerate(ARCHS[arch].layers[:-1])]
         x = torch.rand(args.timesteps, args.batch, channels, size, size, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)
-        times = []
-        for exits in ([], stage_ends):
-            net = ShortcutNet(backbone, exits, 10, neuron, args.hidden).to(device)
-            if cuda:
-                net = net.to(memory_format=torch.channels_last)
-            times.append(step_ms(net, x, y, args.repeats, amp=cuda))
+        nets = [ShortcutNet(backbone, exits, 10, neuron, args.hidden).to(device) for exits in ([], stage_ends)]
+        if cuda:
+            nets = [net.to(memory_format=torch.channels_last) for net in nets]
+        rounds = [[step_ms(net, x, y, args.repeats, amp=cuda) for net in nets] for _ in range(args.rounds)]
+        times = [statistics.median(r[i] for r in rounds) for i in range(2)]
         epoch_s = times[0] / 1000 * 40_000 / args.batch
         print(f"| {arch} | {size}x{size} | {', '.join(stage_ends)} | {times[0]:.1f} | {times[1]:.1f} | "
               f"{(times[1] / times[0] - 1) * 100:+.1f}% | {epoch_s:.0f} s |", flush=True)
