@@ -22,6 +22,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy import text
 
+from search.storage import heartbeat_enabled
+
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -75,7 +77,7 @@ class Heartbeat:
             self.storage.record_heartbeat(self.trial_id)
 
     def __enter__(self) -> Heartbeat:
-        if isinstance(self.storage, RDBStorage) and self.storage.get_heartbeat_interval():
+        if heartbeat_enabled(self.storage):
             self.storage.record_heartbeat(self.trial_id)
             interval = self.storage.get_heartbeat_interval()
             self.thread = threading.Thread(target=self._beat, args=(interval,), daemon=True)

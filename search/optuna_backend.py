@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.budget import Heartbeat, ask_within
 from search.objective import Objective
 from search.space import Space, grid
-from search.storage import fail_stale
+from search.storage import fail_stale, heartbeat_enabled
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -73,9 +73,7 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage) -> optuna.S
 
 def _others_running(study: optuna.Study, storage: optuna.storages.BaseStorage) -> bool:
     """Other workers' trials still RUNNING, where heartbeats can tell whether their worker died."""
-    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
-        return False
-    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return heartbeat_enabled(storage) and bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 class Progress:

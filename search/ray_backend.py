@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from search.objective import TrialRecord  # noqa: E402
-from search.optuna_backend import create_study, make_sampler  # noqa: E402
+from search.optuna_backend import FINISHED, create_study, make_sampler  # noqa: E402
 from search.space import Param, Space, suggest  # noqa: E402
 from trainer.fit import DivergedError, EpochReport, fit  # noqa: E402
 
@@ -125,8 +125,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, n_trials: 
     orphans = fail_orphans(study)
     if orphans:
         print(f"failed trials left RUNNING by an earlier Ray driver: {orphans}", flush=True)
-    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=done))
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
     if remaining <= 0:
         print(f"study {space.study.name!r} already has {n_trials} trials", flush=True)
         return study

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-from trainer.config import ConfigError, build, parse_override, read_yaml, set_dotted  # noqa: E402
+from trainer.config import ConfigError, build, parse_override, read_yaml, set_dotted, with_values  # noqa: E402
 from trainer.fit import fit  # noqa: E402
 from trainer.heads import UnknownExitError  # noqa: E402
 
@@ -25,8 +25,7 @@ def final_config(path: Path, overrides: list[str], out_dir: Path):
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a trainer config mapping")
-    for key, value in ((data.get("provenance") or {}).get("final") or {}).items():
-        set_dotted(data, key, value)
+    data = with_values(data, (data.get("provenance") or {}).get("final") or {})
     for item in overrides:
         set_dotted(data, *parse_override(item))
     set_dotted(data, "run.out_dir", str(out_dir))

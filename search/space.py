@@ -15,14 +15,13 @@ Every problem is a ``SpaceError`` whose one-line message names the file, the key
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted
+from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "nsga2", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
@@ -78,16 +77,10 @@ class Space:
 
     def config(self, values: dict[str, Any]) -> Config:
         """The trainer config of one trial: base plus the sampled values at their dotted paths."""
-        data = copy.deepcopy(self.base)
-        for key, value in values.items():
-            set_dotted(data, key, value)
-        return build(data, f"{self.path}: trial config")
+        return build(with_values(self.base, values), f"{self.path}: trial config")
 
     def final_config(self, data: dict[str, Any]) -> Config:
-        data = copy.deepcopy(data)
-        for key, value in self.final.items():
-            set_dotted(data, key, value)
-        return build(data, f"{self.path}: final")
+        return build(with_values(data, self.final), f"{self.path}: final")
 
 
 def _err(path: Path, key: str, message: str) -> SpaceError:
@@ -114,7 +107,7 @@ def _parse_study(path: Path, raw: Any) -> Study:
     if len(directions) != len(metrics) or any(d not in ("maximize", "minimize") for d in directions):
         raise _err(path, "study.direction", f"need one of maximize, minimize per metric ({len(metrics)})")
     study = Study(raw["name"], metrics, directions)
-    for key, kind, choices in (("sampler", str, SAMPLERS), ("pruner", str, PRUNERS)):
+    for key, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if key in raw:
             if raw[key] not in choices:
                 raise _err(path, f"study.{key}", f"got {raw[key]!r} (allowed: {', '.join(choices)})")

@@ -48,10 +48,17 @@ def open_storage(url: str, heartbeat: int = 10) -> optuna.storages.BaseStorage:
         )
 
 
+def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether running trials beat, so that a dead worker's trial can be told apart (RDB storages)."""
+    return isinstance(storage, RDBStorage) and bool(storage.get_heartbeat_interval())
+
+
 def fail_stale(storage: optuna.storages.BaseStorage, study: optuna.Study) -> list[int]:
     """Fail RUNNING trials whose worker stopped beating (RDB storages); returns their numbers."""
+    if not heartbeat_enabled(storage):
+        return []
     running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
-    if not running or not isinstance(storage, RDBStorage):
+    if not running:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -6,6 +6,7 @@ Every error is a ``ConfigError`` with a one-line message naming the source, the 
 
 from __future__ import annotations
 
+import copy
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +142,14 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override: '{key}' goes through '{part}', which is not a section")
     node[leaf] = value
+
+
+def with_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``data`` with each dotted ``key: value`` of ``values`` set."""
+    data = copy.deepcopy(data)
+    for key, value in values.items():
+        set_dotted(data, key, value)
+    return data
 
 
 def parse_override(item: str) -> tuple[str, Any]:
