@@ -1,18 +1,28 @@
 """LIF layer forward+backward: our fused and loop paths vs. SpikingJelly and snnTorch (when installed).
 
-    python benchmarks/lif.py [--device cpu|cuda] [--repeats 20]
+    python benchmarks/lif.py [--device cpu|cuda] [--repeats 10] [--rounds 5]
 
 Shapes [T, 64, 64, 16, 16] for T = 4 and 8, float32. All neurons use the same dynamics
 (decay 0.5 = tau 2 without input decay, threshold 1, hard reset to 0, atan surrogate alpha 2), and the
 table says whether each one's spikes and input gradients equal our reference loop's (snnTorch passes no
 gradient through its reset, so it is compared with ``detach_reset=True``). Ratios are against our eager
-loop and SpikingJelly, measured in the same run. ``fused+compile`` is what ``neuron.compile=always`` runs.
+loop and SpikingJelly, measured in the same run: the neurons take turns for ``--rounds`` rounds and each
+row shows its median, so drift in machine speed hits all alike. The upstream gradient is allocated once
+per shape, as a real network's next layer would hand it over. ``fused+compile`` is what
+``neuron.compile=always`` runs.
 Install the others with ``pip install -e '.[bench]'``.
+
+On CPU, glibc hands every tensor over 32 MB (each T=8 tensor here is 34 MB) fresh pages from the OS
+and the first write to each page faults; that costs more than the T=8 LIF itself. Run with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296`` to keep freed memory in the process (what
+jemalloc or tcmalloc do) and time the neurons alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -62,11 +72,13 @@ def snntorch(device: torch.device) -> Callable | None:
     return run
 
 
-def timed(fn: Callable, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+def timed(
+    fn: Callable, x: torch.Tensor, grad: torch.Tensor, repeats: int
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         x.grad = None
         s = fn(x)
-        s.backward(torch.ones_like(s))
+        s.backward(grad)
         return s, x.grad
 
     ms, (s, g) = time_ms(step, repeats, x.is_cuda)
@@ -76,7 +88,8 @@ def timed(fn: Callable, x: torch.Tensor, repeats: int) -> tuple[float, torch.Ten
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds in which the neurons take turns")
     args = parser.parse_args()
     device = torch.device(args.device)
     # name -> (callable or None, whether its reset passes no gradient)
@@ -87,18 +100,24 @@ def main() -> None:
         "SpikingJelly LIFNode": (spikingjelly(), False),
         "snnTorch Leaky": (snntorch(device), True),
     }
-    print(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    malloc = "freed memory kept" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc default"
+    print(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}")
     print("| T | neuron | ms fwd+bwd | vs our loop | vs SpikingJelly | spikes equal | grads equal |")
     print("|---|---|---|---|---|---|---|")
     for T in (4, 8):
         torch.manual_seed(0)
         x = (torch.randn(T, 64, 64, 16, 16, device=device) * 1.5).requires_grad_()
+        grad = torch.ones_like(x)
         reference = {}
         for detach in (False, True):
             s = lif_loop(x, DECAY, THRESHOLD, "hard", detach, "atan", ALPHA)
-            (g,) = torch.autograd.grad(s, x, torch.ones_like(s))
+            (g,) = torch.autograd.grad(s, x, grad)
             reference[detach] = (s.detach(), g)
-        results = {name: timed(fn, x, args.repeats) for name, (fn, _) in candidates.items() if fn}
+        installed = {name: fn for name, (fn, _) in candidates.items() if fn}
+        rounds = [{name: timed(fn, x, grad, args.repeats) for name, fn in installed.items()}
+                  for _ in range(args.rounds)]
+        results = {name: (statistics.median(r[name][0] for r in rounds), *rounds[-1][name][1:])
+                   for name in installed}
         loop_ms = results["ours loop"][0]
         jelly_ms = results.get("SpikingJelly LIFNode", (None,))[0]
         for name, (fn, detach) in candidates.items():

@@ -8,7 +8,7 @@ Layout is [T, B, ...]. Dynamics per timestep t (v starts at 0):
 
 Two implementations compute the same function:
 - ``lif_loop``: a plain per-timestep loop differentiated by autograd (the reference).
-- ``LIFFunction``: forward and backward written out over time, saving only h; its two loops are
+- ``LIFFunction``: forward and backward written out over time, saving only the input x; its two loops are
   compiled with ``torch.compile`` when ``compile=True`` (the fused path) and run eagerly otherwise.
 """
 
@@ -76,7 +76,8 @@ def lif_loop(
     return torch.stack(spikes)
 
 
-def _forward_loop(x: Tensor, decay: float, threshold: float, hard: bool) -> tuple[Tensor, Tensor]:
+def _simulate(x: Tensor, decay: float, threshold: float, hard: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Spikes and charges h per timestep, without autograd."""
     v = torch.zeros_like(x[0])
     spikes, charges = [], []
     for t in range(x.shape[0]):
@@ -85,12 +86,16 @@ def _forward_loop(x: Tensor, decay: float, threshold: float, hard: bool) -> tupl
         v = h * (1 - s) if hard else h - threshold * s
         spikes.append(s)
         charges.append(h)
-    return torch.stack(spikes), torch.stack(charges)
+    return spikes, charges
+
+
+def _forward_loop(x: Tensor, decay: float, threshold: float, hard: bool) -> Tensor:
+    return torch.stack(_simulate(x, decay, threshold, hard)[0])
 
 
 def _backward_loop(
     grad_s: Tensor,
-    h: Tensor,
+    x: Tensor,
     decay: float,
     threshold: float,
     hard: bool,
@@ -98,12 +103,14 @@ def _backward_loop(
     surrogate: Surrogate,
     alpha: float,
 ) -> Tensor:
+    """Gradient w.r.t. x; the charges are recomputed from x rather than saved (one write fewer)."""
+    h = _simulate(x, decay, threshold, hard)[1]
     grad_x = []
-    grad_v = torch.zeros_like(h[0])
-    for t in range(h.shape[0] - 1, -1, -1):
+    grad_v = torch.zeros_like(x[0])
+    for t in range(x.shape[0] - 1, -1, -1):
         sg = surrogate_grad(h[t] - threshold, surrogate, alpha)
         if hard:
-            s = (h[t] >= threshold).to(h.dtype)
+            s = (h[t] >= threshold).to(x.dtype)
             dv_dh = 1 - s if detach_reset else 1 - s - h[t] * sg
         else:
             dv_dh = torch.ones_like(sg) if detach_reset else 1 - threshold * sg
@@ -124,17 +131,17 @@ class LIFFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, decay, threshold, reset, detach_reset, surrogate, alpha, compile_):  # type: ignore[override]
         fwd = _compiled(_forward_loop) if compile_ else _forward_loop
-        spikes, h = fwd(x, decay, threshold, reset == "hard")
-        ctx.save_for_backward(h)
+        spikes = fwd(x, decay, threshold, reset == "hard")
+        ctx.save_for_backward(x)
         ctx.args = (decay, threshold, reset == "hard", detach_reset, surrogate, alpha)
         ctx.compile_ = compile_
         return spikes
 
     @staticmethod
     def backward(ctx, grad_s):  # type: ignore[override]
-        (h,) = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         bwd = _compiled(_backward_loop) if ctx.compile_ else _backward_loop
-        return (bwd(grad_s.contiguous(), h, *ctx.args),) + (None,) * 7
+        return (bwd(grad_s.contiguous(), x, *ctx.args),) + (None,) * 7
 
 
 class LIF(nn.Module):
