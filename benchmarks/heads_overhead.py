@@ -6,17 +6,21 @@ Heads sit at the end of every stage but the last (pool + linear, the paper's che
 1x1-conv head with ``--hidden 32``). Inputs are random images of the arch's usual size (8x8 digits for
 ``resnet20`` on CPU, 32x32 CIFAR otherwise, 64x64 for ImageNet-style nets to keep memory small), T=4.
 Plain and heads runs alternate for ``--rounds`` rounds and the medians are compared, so drift in machine
-speed hits both alike. The ratio is with-heads time / plain time, measured in the same run; the last column estimates one
-CIFAR-10 training epoch (40,000 images) from the plain step time.
+speed hits both alike. The ratio is with-heads time / plain time, measured in the same run. The op
+columns count the ATen ops one training step runs (views excluded; on a GPU each is about one kernel
+launch, which is what small steps are bound by). The last column estimates one CIFAR-10 training epoch
+(40,000 images) from the plain step time.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import torch
 from timing import time_ms
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.config import NeuronConfig
 from trainer.heads import ShortcutNet
@@ -24,18 +28,37 @@ from trainer.models import ARCHS, SpikingResNet, make_neuron
 from trainer.schedule import shortcut_loss
 
 
-def step_ms(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, amp: bool) -> float:
+def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool) -> Callable[[], None]:
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             main, heads = net(x)
-            loss = shortcut_loss(main.float(), [h.float() for h in heads], y, 0.5)
+            loss = shortcut_loss(main, heads, y, 0.5)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return time_ms(step, repeats, x.is_cuda)[0]
+    return step
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ATen ops that run (views excluded): on a GPU, roughly one kernel launch each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(step: Callable[[], None]) -> int:
+    step()
+    with OpCount() as count:
+        step()
+    return count.n
 
 
 def main() -> None:
@@ -53,8 +76,9 @@ def main() -> None:
     neuron = make_neuron(NeuronConfig(), cuda)
     print(f"# device {device}, batch {args.batch}, T={args.timesteps}, head hidden={args.hidden}, "
           f"{'bf16 autocast, channels_last, compiled LIF' if cuda else 'fp32, eager LIF'}")
-    print("| arch | input | heads at | ms/step plain | ms/step heads | overhead | CIFAR-10 epoch (plain) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| arch | input | heads at | ms/step plain | ms/step heads | overhead | ops/step plain | heads' ops "
+          "| CIFAR-10 epoch (plain) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         size = 8 if arch == "resnet20" and not cuda else (64 if ARCHS[arch].stem == "imagenet" else 32)
         channels = 1 if size == 8 else 3
@@ -66,11 +90,14 @@ def main() -> None:
         nets = [ShortcutNet(backbone, exits, 10, neuron, args.hidden).to(device) for exits in ([], stage_ends)]
         if cuda:
             nets = [net.to(memory_format=torch.channels_last) for net in nets]
-        rounds = [[step_ms(net, x, y, args.repeats, amp=cuda) for net in nets] for _ in range(args.rounds)]
+        steps = [make_step(net, x, y, amp=cuda) for net in nets]
+        ops = [ops_per_step(step) for step in steps]
+        rounds = [[time_ms(step, args.repeats, cuda)[0] for step in steps] for _ in range(args.rounds)]
         times = [statistics.median(r[i] for r in rounds) for i in range(2)]
         epoch_s = times[0] / 1000 * 40_000 / args.batch
         print(f"| {arch} | {size}x{size} | {', '.join(stage_ends)} | {times[0]:.1f} | {times[1]:.1f} | "
-              f"{(times[1] / times[0] - 1) * 100:+.1f}% | {epoch_s:.0f} s |", flush=True)
+              f"{(times[1] / times[0] - 1) * 100:+.1f}% | {ops[0]} | +{ops[1] - ops[0]} | {epoch_s:.0f} s |",
+              flush=True)
 
 
 if __name__ == "__main__":

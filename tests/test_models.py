@@ -50,6 +50,18 @@ def test_heads_return_logits_and_strip_keeps_main_output(hidden):
     torch.testing.assert_close(stripped(x), main)
 
 
+def test_head_is_the_time_average_of_a_pooled_linear_classifier():
+    """The head pools before its classifier; that must equal averaging per-timestep logits."""
+    net = _net(["layer2.0"]).double()
+    x = torch.rand(4, 5, 16, 4, 4, dtype=torch.float64, requires_grad=True)
+    head = net.heads["layer2_0"]
+    per_step = head.fc(x.mean(dim=(3, 4))).mean(0)
+    torch.testing.assert_close(head(x), per_step)
+    (g,) = torch.autograd.grad(head(x).sum(), x)
+    (g_ref,) = torch.autograd.grad(per_step.sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
 def test_unknown_exit_names_allowed_ones():
     with pytest.raises(UnknownExitError, match=r"heads.exits: unknown block exit 'layer4.0' .*layer3.2"):
         _net(["layer4.0"])

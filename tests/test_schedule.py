@@ -49,3 +49,5 @@ def test_shortcut_loss_weights_main_and_mean_of_heads():
     expected = 0.7 * F.cross_entropy(main, y) + 0.3 * (F.cross_entropy(h1, y) + F.cross_entropy(h2, y)) / 2
     torch.testing.assert_close(shortcut_loss(main, [h1, h2], y, 0.3), expected)
     torch.testing.assert_close(shortcut_loss(main, [], y, 0.3), F.cross_entropy(main, y))
+    low = shortcut_loss(main.bfloat16(), [h1.bfloat16(), h2.bfloat16()], y, 0.3)
+    assert low.dtype == torch.float32

@@ -138,7 +138,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, cfg.optim.amp):
                 main, heads = net(encode(x, cfg.data.timesteps, cfg.data.encoding))
-                loss = shortcut_loss(main.float(), [h.float() for h in heads], y, lam)
+                loss = shortcut_loss(main, heads, y, lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grads:

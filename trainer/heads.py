@@ -33,7 +33,11 @@ class ShortcutHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if hasattr(self, "conv"):
             x = self.lif(time_distributed(self.conv, x))
-        return self.fc(x.mean(dim=(3, 4))).mean(0)
+        # Pooling over time and space before the (affine) classifier equals averaging its outputs, with
+        # T times less matmul; sum then divide, as the backward of a sum is a broadcast view, while a
+        # mean's backward writes a full-size gradient.
+        t, _, _, h, w = x.shape
+        return self.fc(x.sum(dim=(0, 3, 4)) / (t * h * w))
 
 
 class ShortcutNet(nn.Module):

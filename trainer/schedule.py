@@ -49,9 +49,13 @@ def balance(cfg: LambdaConfig, epoch: int, epochs: int) -> float:
 
 
 def shortcut_loss(main: Tensor, heads: list[Tensor], target: Tensor, lam: float) -> Tensor:
-    """(1 - lam) * CE(main) + lam * mean CE(heads); plain CE(main) when there are no heads."""
-    main_loss = F.cross_entropy(main, target)
+    """(1 - lam) * CE(main) + lam * mean CE(heads); plain CE(main) when there are no heads.
+
+    Computed in float32 whatever the logits' dtype. The heads share one cross-entropy over their
+    concatenated logits (the mean over heads of equal batch size), so a head adds no loss kernels.
+    """
+    main_loss = F.cross_entropy(main.float(), target)
     if not heads:
         return main_loss
-    head_loss = torch.stack([F.cross_entropy(h, target) for h in heads]).mean()
+    head_loss = F.cross_entropy(torch.cat(heads).float(), target.repeat(len(heads)))
     return (1 - lam) * main_loss + lam * head_loss
