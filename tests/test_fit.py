@@ -73,6 +73,10 @@ def test_resume_continues_after_the_last_epoch(tmp_path):
     assert [r.epoch for r in seen] == [1, 2]
     assert [r.epoch for r in result.history] == [0, 1, 2]
     assert seen[0].metrics["lr"] < 0.1  # the cosine schedule resumed, not restarted
+    unbroken = fit(load(None, SMALL + ["optim.epochs=3"]))
+    assert [r.metrics["train_loss"] for r in result.history] == [
+        r.metrics["train_loss"] for r in unbroken.history
+    ]  # same batches, weights and random draws as a run that never stopped
 
 
 def test_same_seed_same_result():

@@ -6,7 +6,8 @@
 - cifar10dvs: tonic's CIFAR10-DVS events, binned into ``timesteps`` frames by ``tonic.transforms.ToFrame``.
 
 Small sets (digits, MNIST) are held in memory as tensors on the training device; the rest stream
-through a DataLoader. Splits are fixed (generator seed 0) so every trial sees the same validation set.
+through a DataLoader. Splits are fixed (generator seed 0) so every trial sees the same validation set;
+the training order depends on (run seed, epoch) only (``DataBundle.start_epoch``).
 Images are in [0, 1]: direct encoding repeats them over T, Poisson encoding samples Bernoulli spikes.
 """
 
@@ -37,21 +38,29 @@ class DataBundle:
     test: Batches
     num_classes: int
     in_channels: int
+    shuffle: torch.Generator  # drives the training loader's order
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Seed this epoch's shuffle from (seed, epoch) alone, so a resumed run sees the same batches."""
+        self.shuffle.manual_seed(hash((self.seed, epoch)))
 
 
 class TensorLoader:
     """Batches from tensors already in memory (no worker processes, no per-sample Python)."""
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: torch.Generator | None = None) -> None:
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return -(-len(self.x) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.x)
-        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
+        order = torch.randperm(n, generator=self.shuffle).to(self.x.device) if self.shuffle else None
         for i in range(0, n, self.batch_size):
             if order is None:
                 yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
@@ -84,12 +93,15 @@ def _tensor_bundle(
     train_idx, val_idx = _limit(train_idx, cfg.limit), _limit(val_idx, cfg.limit)
     test_idx = _limit(torch.arange(len(x_test)), cfg.limit)
     to = lambda t: t.to(device)  # noqa: E731
+    shuffle = torch.Generator()
     return DataBundle(
-        train=TensorLoader(to(x_train[train_idx]), to(y_train[train_idx]), cfg.batch_size, True, seed),
-        val=TensorLoader(to(x_train[val_idx]), to(y_train[val_idx]), cfg.batch_size, False),
-        test=TensorLoader(to(x_test[test_idx]), to(y_test[test_idx]), cfg.batch_size, False),
+        train=TensorLoader(to(x_train[train_idx]), to(y_train[train_idx]), cfg.batch_size, shuffle),
+        val=TensorLoader(to(x_train[val_idx]), to(y_train[val_idx]), cfg.batch_size),
+        test=TensorLoader(to(x_test[test_idx]), to(y_test[test_idx]), cfg.batch_size),
         num_classes=num_classes,
         in_channels=x_train.shape[1],
+        shuffle=shuffle,
+        seed=seed,
     )
 
 
@@ -119,14 +131,15 @@ def _loader_bundle(
     """Train/val split of one training set (val without augmentation) plus the official test set."""
     val_idx, train_idx = split_indices(len(train_aug), (cfg.val_fraction,))  # type: ignore[arg-type]
     test_idx = _limit(torch.arange(len(test)), cfg.limit)  # type: ignore[arg-type]
-    loader = lambda ds, idx, shuffle: DataLoader(  # noqa: E731
+    shuffle = torch.Generator()
+    loader = lambda ds, idx, train: DataLoader(  # noqa: E731
         Subset(ds, idx.tolist()),
         batch_size=cfg.batch_size,
-        shuffle=shuffle,
+        shuffle=train,
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),
+        generator=shuffle if train else torch.Generator().manual_seed(seed),
     )
     return DataBundle(
         train=loader(train_aug, _limit(train_idx, cfg.limit), True),
@@ -134,6 +147,8 @@ def _loader_bundle(
         test=loader(test, test_idx, False),
         num_classes=num_classes,
         in_channels=in_channels,
+        shuffle=shuffle,
+        seed=seed,
     )
 
 
@@ -190,14 +205,17 @@ def _cifar10dvs(cfg: DataConfig, seed: int) -> DataBundle:
     test_idx, rest = split_indices(len(ds), (0.1,))
     val_n = int(round(cfg.val_fraction * len(rest)))
     val_idx, train_idx = rest[:val_n], rest[val_n:]
-    loader = lambda idx, shuffle: DataLoader(  # noqa: E731
+    shuffle = torch.Generator()
+    loader = lambda idx, train: DataLoader(  # noqa: E731
         Subset(ds, _limit(idx, cfg.limit).tolist()),
         batch_size=cfg.batch_size,
-        shuffle=shuffle,
+        shuffle=train,
         num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=shuffle if train else torch.Generator().manual_seed(seed),
     )
-    return DataBundle(loader(train_idx, True), loader(val_idx, False), loader(test_idx, False), 10, 2)
+    return DataBundle(
+        loader(train_idx, True), loader(val_idx, False), loader(test_idx, False), 10, 2, shuffle, seed
+    )
 
 
 def load_data(cfg: DataConfig, device: torch.device, seed: int = 0) -> DataBundle:

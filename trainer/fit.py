@@ -130,6 +130,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -
         lam = balance(cfg.lambda_, epoch, epochs) if cfg.heads.exits else 0.0
         lr = optimizer.param_groups[0]["lr"]
         net.train()
+        data.start_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
