@@ -9,6 +9,7 @@ import torch
 from trainer.checkpoint import load_model
 from trainer.config import load
 from trainer.data import encode, load_data
+from trainer.diagnostics import GradStats
 from trainer.fit import DivergedError, fit
 
 from conftest import ROOT
@@ -63,6 +64,24 @@ def test_checkpoint_holds_stripped_model_with_same_outputs(tmp_path):
     result.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(encode(x, 2, "direct")), result.model(encode(x, 2, "direct")))
+
+
+def test_grad_stats_are_the_mean_and_variance_of_abs_grad():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3), torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 1))
+    stats = GradStats(model)
+    expected = {name: torch.zeros(2) for name in ("0", "1", "2")}
+    for _ in range(2):
+        model.zero_grad()
+        model(torch.randn(3, 2, 6, 6))[:, :2].pow(2).sum().backward()  # output channels 2, 3 get no gradient
+        stats.update()
+        for name in expected:
+            g = model.get_submodule(name).weight.grad.abs()
+            expected[name] += torch.stack([g.mean(), g.var(correction=0)]) / 2
+    got = stats.summary()
+    for name, (mean, var) in expected.items():
+        assert got[name]["mean"] == pytest.approx(mean.item(), rel=1e-4)
+        assert got[name]["var"] == pytest.approx(var.item(), rel=1e-3)
+    assert got["2"]["var"] > 0 and stats.summary() == {}  # summary resets
 
 
 def test_resume_continues_after_the_last_epoch(tmp_path):

@@ -23,15 +23,17 @@ class GradStats:
         self.layers = [
             (_layer_name(name), m.weight) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
         ]
+        self.numel = torch.tensor([float(w.numel()) for _, w in self.layers], device=self.layers[0][1].device)
         self.total: torch.Tensor | None = None
         self.steps = 0
 
     def update(self) -> None:
-        rows = []
-        for _, w in self.layers:
-            g = w.grad.detach().abs() if w.grad is not None else torch.zeros_like(w)
-            rows.append(torch.stack([g.mean(), g.var(correction=0)]))
-        stats = torch.stack(rows).float()
+        """Two multi-tensor norms over all layers (a few kernels, not a few per layer): the mean of |g|
+        is its L1 norm / n, the variance of |g| is its squared L2 norm / n minus the mean squared."""
+        grads = [w.grad.detach() if w.grad is not None else torch.zeros_like(w) for _, w in self.layers]
+        mean = torch.stack(torch._foreach_norm(grads, 1)).float() / self.numel
+        var = (torch.stack(torch._foreach_norm(grads, 2)).float() ** 2 / self.numel - mean**2).clamp(min=0)
+        stats = torch.stack([mean, var], dim=1)
         self.total = stats if self.total is None else self.total + stats
         self.steps += 1
 
