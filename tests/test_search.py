@@ -1,5 +1,6 @@
 """End to end: a tiny study in SQLite, resumed, exported, retrained, read by optuna-dashboard and optuna's CLI."""
 
+import io
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import optuna
+import plotly
 import pytest
 import torch
 import yaml
@@ -235,3 +237,21 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path):
     assert sum("Plotly.newPlot" in s for s in page.scripts) == 6
     study = optuna.load_study(study_name="tiny", storage=url)
     assert f"trial {study.best_trial.number}" in out.read_text()
+
+    # Draw every figure of the file in headless Chromium: plotly.js must accept it and paint traces.
+    from kaleido.scopes.plotly import PlotlyScope
+    from PIL import Image
+
+    chromium = PlotlyScope(plotlyjs=str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js"))
+    for script in (s for s in page.scripts if "Plotly.newPlot" in s):
+        args = script[script.index("Plotly.newPlot(") + len("Plotly.newPlot("):]
+        decoder = json.JSONDecoder()
+        _, end = decoder.raw_decode(args.lstrip(" \n,"))  # the div id
+        rest = args.lstrip(" \n,")[end:].lstrip(" \n,")
+        data, end = decoder.raw_decode(rest)
+        layout, _ = decoder.raw_decode(rest[end:].lstrip(" \n,"))
+        png = chromium.transform({"data": data, "layout": layout}, format="png", width=600, height=400)
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        colours = image.getcolors(maxcolors=1 << 16) or []
+        saturated = sum(n for n, (r, g, b) in colours if max(r, g, b) - min(r, g, b) > 60)
+        assert image.size == (600, 400) and len(colours) > 20 and saturated > 50, layout.get("title")
