@@ -25,7 +25,7 @@ from search.storage import open_storage
 
 def search(space_path: str, overrides: list[str], sampler: str, pruner: str, trials: int, seed: int) -> dict:
     space = load_space(space_path, overrides)
-    space.study.sampler, space.study.pruner, space.study.seed = sampler, pruner, seed
+    space.study.sampler, space.study.pruner, space.study.seed, space.study.n_trials = sampler, pruner, seed, trials
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'study.db'}"
         t0 = time.perf_counter()

@@ -23,10 +23,16 @@ class StudyMismatchError(ValueError):
     """The stored study was created with other directions than the space file asks for."""
 
 
+def startup_trials(n_trials: int) -> int:
+    """Random trials before TPE models the space: a quarter of the budget, 3 to Optuna's default 10."""
+    return min(10, max(3, n_trials // 4))
+
+
 def make_sampler(space: Space) -> BaseSampler:
     s = space.study
     if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed)
+        # Optuna's 10 random start-up trials would leave a 12-trial study 2 model-guided ones.
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup_trials(s.n_trials))
     if s.sampler == "gp":
         return optuna.samplers.GPSampler(seed=s.seed)
     if s.sampler == "cmaes":

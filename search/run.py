@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    n_trials = args.n_trials or space.study.n_trials
+    n_trials = space.study.n_trials = args.n_trials or space.study.n_trials  # the sampler sizes its start-up
     timeout = args.timeout or space.study.timeout
     print(f"storage: {url}", flush=True)
     from search.optuna_backend import StudyMismatchError

@@ -139,6 +139,15 @@ def test_other_samplers_and_pruners_run(tmp_path):
         assert type(make_pruner(loaded)).__name__.lower().startswith(pruner.replace("_", "")[:6])
 
 
+def test_tpe_start_up_scales_with_the_budget(tmp_path):
+    space = load_space(space_file(tmp_path))
+    counts = {}
+    for n in (4, 12, 40, 200):
+        space.study.n_trials = n
+        counts[n] = make_sampler(space)._n_startup_trials
+    assert counts == {4: 3, 12: 3, 40: 10, 200: 10}
+
+
 def test_dashboard_and_optuna_cli_read_the_study(tmp_path):
     url = f"sqlite:///{tmp_path}/tiny.db"
     assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", url, "--n-trials", "2"]) == 0
