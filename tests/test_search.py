@@ -253,12 +253,13 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path):
 
     chromium = PlotlyScope(plotlyjs=str(Path(plotly.__file__).parent / "package_data" / "plotly.min.js"))
     for script in (s for s in page.scripts if "Plotly.newPlot" in s):
-        args = script[script.index("Plotly.newPlot(") + len("Plotly.newPlot("):]
-        decoder = json.JSONDecoder()
-        _, end = decoder.raw_decode(args.lstrip(" \n,"))  # the div id
-        rest = args.lstrip(" \n,")[end:].lstrip(" \n,")
-        data, end = decoder.raw_decode(rest)
-        layout, _ = decoder.raw_decode(rest[end:].lstrip(" \n,"))
+        values, pos = [], script.index("Plotly.newPlot(") + len("Plotly.newPlot(")
+        for _ in range(3):  # div id, data, layout
+            while script[pos] in " \n,":
+                pos += 1
+            value, pos = json.JSONDecoder().raw_decode(script, pos)
+            values.append(value)
+        _, data, layout = values
         png = chromium.transform({"data": data, "layout": layout}, format="png", width=600, height=400)
         image = Image.open(io.BytesIO(png)).convert("RGB")
         colours = image.getcolors(maxcolors=1 << 16) or []
