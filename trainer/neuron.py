@@ -104,14 +104,13 @@ def _backward_loop(
     alpha: float,
 ) -> Tensor:
     """Gradient w.r.t. x; the charges are recomputed from x rather than saved (one write fewer)."""
-    h = _simulate(x, decay, threshold, hard)[1]
+    spikes, h = _simulate(x, decay, threshold, hard)
     grad_x = []
     grad_v = torch.zeros_like(x[0])
     for t in range(x.shape[0] - 1, -1, -1):
         sg = surrogate_grad(h[t] - threshold, surrogate, alpha)
         if hard:
-            s = (h[t] >= threshold).to(x.dtype)
-            dv_dh = 1 - s if detach_reset else 1 - s - h[t] * sg
+            dv_dh = 1 - spikes[t] if detach_reset else 1 - spikes[t] - h[t] * sg
         else:
             dv_dh = torch.ones_like(sg) if detach_reset else 1 - threshold * sg
         grad_h = grad_s[t] * sg + grad_v * dv_dh
