@@ -29,7 +29,7 @@ def search(space_path: str, overrides: list[str], sampler: str, pruner: str, tri
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'study.db'}"
         t0 = time.perf_counter()
-        study = run(space, open_storage(url, space.study.heartbeat), url, trials, None)
+        study = run(space, open_storage(url, space.study.heartbeat), url, None)
         seconds = time.perf_counter() - t0
         done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     curve, spent, best = [], 0, float("-inf")

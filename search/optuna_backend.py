@@ -117,13 +117,14 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def run(space: Space, storage: optuna.storages.BaseStorage, url: str, n_trials: int,
-        timeout: float | None) -> optuna.Study:
-    """Ask, train and tell until the study holds ``n_trials`` trials (all workers together) or time is up.
+def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None) -> optuna.Study:
+    """Ask, train and tell until the study holds ``study.n_trials`` trials (all workers together) or time
+    is up.
 
     The ask-and-tell loop (rather than ``study.optimize``) lets every ask happen under the budget lock.
     """
     study = create_study(space, storage)
+    n_trials = space.study.n_trials
     objective, progress = Objective(space), Progress()
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

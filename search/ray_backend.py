@@ -117,11 +117,12 @@ def fail_orphans(study: optuna.Study) -> list[int]:
     return [t.number for t in orphans]
 
 
-def run(space: Space, storage: optuna.storages.BaseStorage, url: str, n_trials: int, timeout: float | None,
+def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,
         address: str | None = None, cpus_per_trial: float = 1, gpus_per_trial: float = 0,
         max_concurrent: int = 2) -> optuna.Study:
-    """Top the study up to ``n_trials`` finished trials with Ray Tune."""
+    """Top the study up to ``study.n_trials`` finished trials with Ray Tune."""
     study = create_study(space, storage)
+    n_trials = space.study.n_trials
     orphans = fail_orphans(study)
     if orphans:
         print(f"failed trials left RUNNING by an earlier Ray driver: {orphans}", flush=True)

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    n_trials = space.study.n_trials = args.n_trials or space.study.n_trials  # the sampler sizes its start-up
+    space.study.n_trials = args.n_trials or space.study.n_trials  # the budget; TPE sizes its start-up by it
     timeout = args.timeout or space.study.timeout
     print(f"storage: {url}", flush=True)
     from search.optuna_backend import StudyMismatchError
@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend == "ray":
             from search.ray_backend import run as run_ray
 
-            study = run_ray(space, storage, url, n_trials, timeout, args.address, args.cpus_per_trial,
+            study = run_ray(space, storage, url, timeout, args.address, args.cpus_per_trial,
                             args.gpus_per_trial, args.max_concurrent)
         else:
             from search.optuna_backend import run
 
-            study = run(space, storage, url, n_trials, timeout)
+            study = run(space, storage, url, timeout)
     except StudyMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
