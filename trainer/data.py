@@ -125,31 +125,35 @@ def _mnist(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
 
 
 def _loader_bundle(
-    cfg: DataConfig, train_aug: Dataset, train_plain: Dataset, test: Dataset,
-    num_classes: int, in_channels: int, seed: int,
+    cfg: DataConfig, splits: tuple[tuple[Dataset, Tensor], ...], num_classes: int, in_channels: int, seed: int
+) -> DataBundle:
+    """DataLoaders over (data set, indices) for train, val and test; only train shuffles, from the bundle's
+    generator, so ``start_epoch`` makes the order reproducible."""
+    shuffle = torch.Generator()
+
+    def loader(ds: Dataset, idx: Tensor, train: bool) -> DataLoader:
+        return DataLoader(
+            Subset(ds, _limit(idx, cfg.limit).tolist()),
+            batch_size=cfg.batch_size,
+            shuffle=train,
+            num_workers=cfg.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=cfg.num_workers > 0,
+            generator=shuffle if train else torch.Generator().manual_seed(seed),
+        )
+
+    train, val, test = (loader(ds, idx, i == 0) for i, (ds, idx) in enumerate(splits))
+    return DataBundle(train, val, test, num_classes, in_channels, shuffle, seed)
+
+
+def _official_test(
+    cfg: DataConfig, train_aug: Dataset, train_plain: Dataset, test: Dataset, num_classes: int, seed: int
 ) -> DataBundle:
     """Train/val split of one training set (val without augmentation) plus the official test set."""
     val_idx, train_idx = split_indices(len(train_aug), (cfg.val_fraction,))  # type: ignore[arg-type]
-    test_idx = _limit(torch.arange(len(test)), cfg.limit)  # type: ignore[arg-type]
-    shuffle = torch.Generator()
-    loader = lambda ds, idx, train: DataLoader(  # noqa: E731
-        Subset(ds, idx.tolist()),
-        batch_size=cfg.batch_size,
-        shuffle=train,
-        num_workers=cfg.num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.num_workers > 0,
-        generator=shuffle if train else torch.Generator().manual_seed(seed),
-    )
-    return DataBundle(
-        train=loader(train_aug, _limit(train_idx, cfg.limit), True),
-        val=loader(train_plain, _limit(val_idx, cfg.limit), False),
-        test=loader(test, test_idx, False),
-        num_classes=num_classes,
-        in_channels=in_channels,
-        shuffle=shuffle,
-        seed=seed,
-    )
+    test_idx = torch.arange(len(test))  # type: ignore[arg-type]
+    splits = ((train_aug, train_idx), (train_plain, val_idx), (test, test_idx))
+    return _loader_bundle(cfg, splits, num_classes, 3, seed)
 
 
 def _cifar(cfg: DataConfig, seed: int) -> DataBundle:
@@ -161,7 +165,7 @@ def _cifar(cfg: DataConfig, seed: int) -> DataBundle:
     train_aug = cls(cfg.root, train=True, transform=aug, download=cfg.download)
     train_plain = cls(cfg.root, train=True, transform=plain)
     test = cls(cfg.root, train=False, transform=plain, download=cfg.download)
-    return _loader_bundle(cfg, train_aug, train_plain, test, classes, 3, seed)
+    return _official_test(cfg, train_aug, train_plain, test, classes, seed)
 
 
 def _imagenet(cfg: DataConfig, seed: int) -> DataBundle:
@@ -173,7 +177,7 @@ def _imagenet(cfg: DataConfig, seed: int) -> DataBundle:
     train_aug = datasets.ImageNet(cfg.root, split="train", transform=aug)
     train_plain = datasets.ImageNet(cfg.root, split="train", transform=plain)
     test = datasets.ImageNet(cfg.root, split="val", transform=plain)
-    return _loader_bundle(cfg, train_aug, train_plain, test, len(test.classes), 3, seed)
+    return _official_test(cfg, train_aug, train_plain, test, len(test.classes), seed)
 
 
 class _Frames:
@@ -205,17 +209,7 @@ def _cifar10dvs(cfg: DataConfig, seed: int) -> DataBundle:
     test_idx, rest = split_indices(len(ds), (0.1,))
     val_n = int(round(cfg.val_fraction * len(rest)))
     val_idx, train_idx = rest[:val_n], rest[val_n:]
-    shuffle = torch.Generator()
-    loader = lambda idx, train: DataLoader(  # noqa: E731
-        Subset(ds, _limit(idx, cfg.limit).tolist()),
-        batch_size=cfg.batch_size,
-        shuffle=train,
-        num_workers=cfg.num_workers,
-        generator=shuffle if train else torch.Generator().manual_seed(seed),
-    )
-    return DataBundle(
-        loader(train_idx, True), loader(val_idx, False), loader(test_idx, False), 10, 2, shuffle, seed
-    )
+    return _loader_bundle(cfg, ((ds, train_idx), (ds, val_idx), (ds, test_idx)), 10, 2, seed)
 
 
 def load_data(cfg: DataConfig, device: torch.device, seed: int = 0) -> DataBundle:
