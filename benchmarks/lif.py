@@ -1,13 +1,14 @@
 """LIF layer forward+backward: our fused and loop paths vs. SpikingJelly and snnTorch (when installed).
 
-    python benchmarks/lif.py [--device cpu|cuda] [--repeats 10] [--rounds 5]
+    python benchmarks/lif.py [--device cpu|cuda] [--repeats 10] [--rounds 5] [--timesteps 4 8] [--batch 64]
 
-Shapes [T, 64, 64, 16, 16] for T = 4 and 8, float32. All neurons use the same dynamics
+Shapes [T, batch, 64, 16, 16], float32. All neurons use the same dynamics
 (decay 0.5 = tau 2 without input decay, threshold 1, hard reset to 0, atan surrogate alpha 2), and the
 table says whether each one's spikes and input gradients equal our reference loop's (snnTorch passes no
 gradient through its reset, so it is compared with ``detach_reset=True``). Ratios are against our eager
-loop and SpikingJelly, measured in the same run: the neurons take turns for ``--rounds`` rounds and each
-row shows its median, so drift in machine speed hits all alike. The upstream gradient is allocated once
+loop and SpikingJelly, measured in the same run: the neurons take turns for ``--rounds`` rounds, each
+row shows its median time, and each ratio is the median over rounds of the two times within a round, so
+drift in machine speed, slower than a round, cancels out. The upstream gradient is allocated once
 per shape, as a real network's next layer would hand it over. ``fused+compile`` is what
 ``neuron.compile=always`` runs.
 Install the others with ``pip install -e '.[bench]'``.
@@ -85,11 +86,20 @@ def timed(
     return ms, s.detach(), g.clone()
 
 
+def speedup(rounds: list[dict[str, tuple]], baseline: str, name: str) -> str:
+    """Median over rounds of the baseline's time / this neuron's time in the same round."""
+    if baseline not in rounds[0]:
+        return "n/a"
+    return f"{statistics.median(r[baseline][0] / r[name][0] for r in rounds):.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5, help="rounds in which the neurons take turns")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     device = torch.device(args.device)
     # name -> (callable or None, whether its reset passes no gradient)
@@ -104,9 +114,9 @@ def main() -> None:
     print(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}")
     print("| T | neuron | ms fwd+bwd | vs our loop | vs SpikingJelly | spikes equal | grads equal |")
     print("|---|---|---|---|---|---|---|")
-    for T in (4, 8):
+    for T in args.timesteps:
         torch.manual_seed(0)
-        x = (torch.randn(T, 64, 64, 16, 16, device=device) * 1.5).requires_grad_()
+        x = (torch.randn(T, args.batch, 64, 16, 16, device=device) * 1.5).requires_grad_()
         grad = torch.ones_like(x)
         reference = {}
         for detach in (False, True):
@@ -118,16 +128,14 @@ def main() -> None:
                   for _ in range(args.rounds)]
         results = {name: (statistics.median(r[name][0] for r in rounds), *rounds[-1][name][1:])
                    for name in installed}
-        loop_ms = results["ours loop"][0]
-        jelly_ms = results.get("SpikingJelly LIFNode", (None,))[0]
         for name, (fn, detach) in candidates.items():
             if name not in results:
                 print(f"| {T} | {name} | not installed | | | | |")
                 continue
             ms, s, g = results[name]
             ref_s, ref_g = reference[detach]
-            vs_jelly = f"{jelly_ms / ms:.2f}x" if jelly_ms else "n/a"
-            print(f"| {T} | {name} | {ms:.2f} | {loop_ms / ms:.2f}x | {vs_jelly} | {torch.equal(s, ref_s)} | "
+            print(f"| {T} | {name} | {ms:.2f} | {speedup(rounds, 'ours loop', name)} | "
+                  f"{speedup(rounds, 'SpikingJelly LIFNode', name)} | {torch.equal(s, ref_s)} | "
                   f"{torch.allclose(g, ref_g, rtol=1e-4, atol=1e-6)} |", flush=True)
 
 

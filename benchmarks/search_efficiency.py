@@ -6,7 +6,9 @@ Both searches run the same number of trials in fresh SQLite studies, with differ
 (random: ``seed``, TPE: ``seed + 1000``), so TPE's random start-up trials are not random search's own. The table gives each one's best
 value, the training epochs it spent in all, trials per minute (end to end, this process), and the
 epochs TPE + Hyperband needed to first reach random search's best value, as a fraction of random
-search's epochs.
+search's epochs. A second table says how well a trial's accuracy after k epochs ranks the random
+search's trials by their final accuracy (Spearman's rho): a pruner deciding before that is informative
+stops trials at random (see ``study.min_epochs``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 from optuna.trial import TrialState
+from scipy.stats import spearmanr
 
 from search.optuna_backend import run
 from search.space import load_space
@@ -32,13 +35,15 @@ def search(space_path: str, overrides: list[str], sampler: str, pruner: str, tri
         study = run(space, open_storage(url, space.study.heartbeat), url, None)
         seconds = time.perf_counter() - t0
         done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    curves = [[h["val_acc"] for h in t.user_attrs["history"]] for t in done if t.state == TrialState.COMPLETE]
     curve, spent, best = [], 0, float("-inf")
     for t in sorted(done, key=lambda t: t.number):
         spent += t.user_attrs.get("epochs_run", 0)
         history = [h["val_acc"] for h in t.user_attrs.get("history", [])]
         best = max([best, *history]) if t.state == TrialState.PRUNED else max(best, t.value)
         curve.append((spent, best))
-    return {"curve": curve, "epochs": spent, "best": best, "per_min": len(done) / seconds * 60, "seconds": seconds}
+    return {"curve": curve, "epochs": spent, "best": best, "per_min": len(done) / seconds * 60, "seconds": seconds,
+            "val_acc_curves": curves}
 
 
 def main() -> None:
@@ -63,6 +68,14 @@ def main() -> None:
                                              if reach is not None else "not reached")
             print(f"| {seed} | {name} | {r['best']:.3f} | {r['epochs']} | {r['per_min']:.1f} | "
                   f"{r['seconds']:.0f} | {to_reach} |")
+    epochs = len(rows[0][1]["val_acc_curves"][0])
+    print("\n# Spearman's rho of val acc after k epochs with the final val acc, random search's trials")
+    print("| seed | " + " | ".join(f"k={k}" for k in range(1, epochs)) + " |")
+    print("|---|" + "---|" * (epochs - 1))
+    for seed, rand, _, _ in rows:
+        final = [c[-1] for c in rand["val_acc_curves"]]
+        rhos = [spearmanr([c[k - 1] for c in rand["val_acc_curves"]], final)[0] for k in range(1, epochs)]
+        print(f"| {seed} | " + " | ".join(f"{rho:+.2f}" for rho in rhos) + " |")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,9 @@ class Objective:
             for key, value in record.attrs.items():
                 trial.set_user_attr(key, value)
             if len(study.metrics) == 1:
-                trial.report(values[0], report.epoch)
+                trial.report(values[0], report.epoch + 1)  # step = epochs trained
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {report.epoch}")
+                    raise optuna.TrialPruned(f"pruned after {report.epoch + 1} epochs")
 
         try:
             result = fit(cfg, on_epoch)

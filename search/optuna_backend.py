@@ -45,13 +45,14 @@ def make_sampler(space: Space) -> BaseSampler:
 
 
 def make_pruner(space: Space) -> optuna.pruners.BasePruner:
-    epochs = space.config({}).optim.epochs
+    """Steps are epochs trained; no pruner decides before ``space.min_epochs()`` of them."""
+    epochs, first = space.config({}).optim.epochs, space.min_epochs()
     if space.study.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first)
     if space.study.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=epochs, reduction_factor=3)
     if space.study.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -96,7 +97,7 @@ class Progress:
         if value is not None:
             line += f" value={_fmt(value)}"
         if trial.state == TrialState.PRUNED:
-            line += f" at epoch {trial.last_step}"
+            line += f" after {trial.last_step} epochs"
         if "fail_reason" in trial.user_attrs:
             line += f" ({trial.user_attrs['fail_reason']})"
         try:

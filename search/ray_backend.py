@@ -29,13 +29,14 @@ from trainer.fit import DivergedError, EpochReport, fit  # noqa: E402
 
 
 def _scheduler(space: Space, epochs: int):
+    """Tune counts epochs trained (``training_iteration``); ``min_epochs`` is the grace period."""
     pruner = space.study.pruner
     if pruner == "hyperband":
         return HyperBandScheduler(max_t=epochs)
     if pruner == "successive_halving":
-        return ASHAScheduler(max_t=epochs, grace_period=1, reduction_factor=3)
+        return ASHAScheduler(max_t=epochs, grace_period=space.min_epochs(), reduction_factor=3)
     if pruner == "median":
-        return MedianStoppingRule(grace_period=1, min_samples_required=3)
+        return MedianStoppingRule("training_iteration", grace_period=space.min_epochs(), min_samples_required=3)
     return FIFOScheduler()
 
 

@@ -2,7 +2,8 @@
 
 A space file has four sections (see README "Space files"):
 
-    study:  name, direction(s), metric(s), sampler, pruner, n_trials, timeout, seed, storage, heartbeat
+    study:  name, direction(s), metric(s), sampler, pruner, min_epochs, n_trials, timeout, seed, storage,
+            heartbeat
     base:   a full trainer config (same format as ``python -m trainer --config``)
     final:  dotted overrides applied when the best config is retrained at full length
     space:  parameters keyed by dotted config path, e.g. ``lambda.start: {type: float, low: 0.1, high: 1}``
@@ -27,8 +28,8 @@ SAMPLERS = ("tpe", "gp", "cmaes", "random", "nsga2", "grid")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "spike_rate": "minimize", "train_time": "minimize"}
 TYPES = ("float", "int", "categorical", "subset")
-STUDY_KEYS = ("name", "direction", "metric", "sampler", "pruner", "n_trials", "timeout", "seed", "storage",
-              "heartbeat")
+STUDY_KEYS = ("name", "direction", "metric", "sampler", "pruner", "min_epochs", "n_trials", "timeout", "seed",
+              "storage", "heartbeat")
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -60,6 +61,7 @@ class Study:
     directions: list[str]
     sampler: str = "tpe"
     pruner: str = "hyperband"
+    min_epochs: int | None = None  # epochs before a trial can be pruned; None: a third of the base epochs
     n_trials: int = 20
     timeout: float | None = None
     seed: int | None = 0
@@ -78,6 +80,16 @@ class Space:
     def config(self, values: dict[str, Any]) -> Config:
         """The trainer config of one trial: base plus the sampled values at their dotted paths."""
         return build(with_values(self.base, values), f"{self.path}: trial config")
+
+    def min_epochs(self) -> int:
+        """Epochs every trial trains before a pruner may stop it.
+
+        A third of the base epochs unless ``study.min_epochs`` says otherwise: in the first epochs of a
+        lambda schedule that starts on the heads, the main output's accuracy is near chance for every
+        trial and ranks them at random (measured on digits, see README "Search efficiency").
+        """
+        epochs = self.config({}).optim.epochs
+        return min(epochs, self.study.min_epochs or max(1, round(epochs / 3)))
 
     def final_config(self, data: dict[str, Any]) -> Config:
         return build(with_values(data, self.final), f"{self.path}: final")
@@ -112,7 +124,7 @@ def _parse_study(path: Path, raw: Any) -> Study:
             if raw[key] not in choices:
                 raise _err(path, f"study.{key}", f"got {raw[key]!r} (allowed: {', '.join(choices)})")
             setattr(study, key, raw[key])
-    for key, low in (("n_trials", 1), ("heartbeat", 1)):
+    for key, low in (("n_trials", 1), ("heartbeat", 1), ("min_epochs", 1)):
         if key in raw:
             if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < low:
                 raise _err(path, f"study.{key}", f"must be an integer >= {low} (got {raw[key]!r})")

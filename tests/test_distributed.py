@@ -151,3 +151,14 @@ def test_scheduler_stopped_trials_are_pruned_and_never_exported(tmp_path):
     assert cut.state == TrialState.PRUNED and cut.user_attrs["truncated"] is True
     assert full.state == TrialState.COMPLETE and full.value == 0.5
     assert study.best_trial.number == full.number and [t.number for t in select(study)] == [full.number]
+
+
+def test_ray_schedulers_count_epochs_and_wait_min_epochs(tmp_path):
+    from search.ray_backend import _scheduler
+
+    for pruner in ("median", "successive_halving", "hyperband"):
+        space = load_space(space_file(tmp_path, epochs=6, study=f", pruner: {pruner}, min_epochs: 2"))
+        scheduler = _scheduler(space, 6)
+        assert scheduler._time_attr == "training_iteration", pruner  # epochs, not seconds
+    median = _scheduler(load_space(space_file(tmp_path, epochs=6, study=", pruner: median, min_epochs: 2")), 6)
+    assert median._grace_period == 2

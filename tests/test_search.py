@@ -63,7 +63,7 @@ def test_run_resume_export_retrain(tmp_path, capsys):
     assert attrs["config"]["heads"]["exits"] == ["layer1.0"] and attrs["epochs_run"] == 2
     assert len(attrs["history"]) == 2 and "val_acc" in attrs["history"][0]
     assert "layer1.0.conv1" in attrs["grad_stats"]["first"] and "stem_lif" in attrs["firing_rates"]
-    assert list(done[0].intermediate_values) == [0, 1]
+    assert list(done[0].intermediate_values) == [1, 2]  # step = epochs trained
 
     # the same command tops the study up to the study-wide budget, then does nothing more
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
@@ -137,6 +137,34 @@ def test_other_samplers_and_pruners_run(tmp_path):
         loaded = load_space(space)
         assert type(make_sampler(loaded)).__name__.lower().startswith(sampler[:2])
         assert type(make_pruner(loaded)).__name__.lower().startswith(pruner.replace("_", "")[:6])
+
+
+def test_min_epochs_defaults_to_a_third_of_training(tmp_path):
+    for epochs, min_epochs, expected in [(2, None, 1), (8, None, 3), (300, None, 100), (6, 2, 2), (6, 10, 6)]:
+        study = ", pruner: median" + (f", min_epochs: {min_epochs}" if min_epochs else "")
+        space = load_space(space_file(tmp_path, study=study, base=BASE.replace("epochs: 2", f"epochs: {epochs}")))
+        assert space.min_epochs() == expected, (epochs, min_epochs)
+
+
+@pytest.mark.parametrize("pruner", ["median", "successive_halving", "hyperband"])
+def test_no_trial_is_pruned_before_min_epochs(tmp_path, pruner):
+    space = load_space(space_file(tmp_path, study=f", pruner: {pruner}, min_epochs: 2",
+                                  base=BASE.replace("epochs: 2", "epochs: 6")))
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(space))
+    for _ in range(9):  # trials that learned well and ran all 6 epochs
+        good = study.ask()
+        for step in range(1, 7):
+            good.report(0.9, step)
+            assert not good.should_prune()  # (successive halving records its rungs here)
+        study.tell(good, 0.9)
+    bad = study.ask()
+    pruned_at = []
+    for step in range(1, 7):
+        bad.report(0.1, step)
+        pruned_at += [step] if bad.should_prune() else []
+    assert pruned_at and min(pruned_at) >= 2, pruned_at
+    if pruner != "hyperband":  # Hyperband's bracket for this trial may start at a later rung
+        assert min(pruned_at) == 2
 
 
 def test_tpe_start_up_scales_with_the_budget(tmp_path):

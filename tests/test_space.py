@@ -89,6 +89,8 @@ space:
          ""),  # exit names are checked when the net is built; see test_search
         ("study: {name: a, metric: [val_acc, spike_rate]}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
          "'study.pruner': Optuna cannot prune multi-objective studies (allowed: none)"),
+        ("study: {name: a, min_epochs: 0}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
+         "'study.min_epochs': must be an integer >= 1 (got 0)"),
         ("study: {name: a}\nbogus: 1", "'bogus': unknown section (allowed: study, base, final, space)"),
         ("study: {name: a, sampler: grid}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
          "grid needs a step for float parameters"),

@@ -1,0 +1,63 @@
+"""Each benchmark runs end to end at a tiny size and prints the table the README quotes.
+
+Timings at these sizes mean nothing; what is checked is what a table claims beyond time (equal spikes
+and gradients, op counts, memory growth, the search comparison), so a broken benchmark fails CI.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script: str, *args: str) -> list[list[list[str]]]:
+    """Run benchmarks/<script>; return its tables, each as the cells of its rows (header and rule excluded)."""
+    out = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    tables: list[list[list[str]]] = [[]]
+    for line in out.stdout.splitlines():
+        if line.startswith("|"):
+            tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+        elif tables[-1]:
+            tables.append([])
+    return [t[2:] for t in tables if t]
+
+
+def test_lif_benchmark_checks_every_neuron_against_the_reference() -> None:
+    (rows,) = bench("lif.py", "--timesteps", "2", "--batch", "2", "--rounds", "2", "--repeats", "1")
+    ours = {row[1]: row for row in rows if row[1].startswith("ours")}
+    assert set(ours) == {"ours loop", "ours fused eager", "ours fused+compile"}
+    for row in ours.values():
+        assert row[0] == "2" and float(row[2]) > 0
+        assert row[5:7] == ["True", "True"], row  # spikes and gradients equal the reference loop's
+    assert ours["ours loop"][3] == "1.00x"
+
+
+def test_heads_overhead_counts_the_heads_ops() -> None:
+    ((row,),) = bench("heads_overhead.py", "--archs", "resnet20", "--batch", "2", "--rounds", "2", "--repeats", "1")
+    assert row[0] == "resnet20" and row[2] == "layer1.2, layer2.2"
+    plain_ops, head_ops = int(row[6]), int(row[7])
+    assert plain_ops > 1000 and 0 < head_ops < 100, row  # two heads: a few dozen ops on a >1000-op step
+
+
+def test_train_memory_grows_with_timesteps() -> None:
+    (rows,) = bench("train_memory.py")
+    assert [r[0] for r in rows] == ["2", "4", "8"]
+    peaks = [float(r[1]) for r in rows]
+    assert peaks[0] < peaks[1] < peaks[2], rows  # activations are kept for every timestep
+
+
+def test_search_efficiency_compares_both_searches() -> None:
+    searches, ranks = bench("search_efficiency.py", "--trials", "3", "--set", "optim.epochs=4", "--set", "data.limit=64")
+    assert [r[1] for r in searches] == ["random, no pruning", "TPE + Hyperband"]
+    rand, tpe = searches
+    assert int(rand[3]) == 3 * 4  # random search runs every trial to the end
+    assert 0 < int(tpe[3]) <= 3 * 4
+    assert tpe[6] == "not reached" or tpe[6].endswith("%"), tpe
+    (rhos,) = ranks  # one seed; Spearman's rho after 1, 2, 3 epochs, the last of them with itself excluded
+    assert rhos[0] == "0" and len(rhos) == 1 + 3
