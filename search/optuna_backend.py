@@ -141,8 +141,9 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
             time.sleep(storage.get_heartbeat_interval())  # wait: they finish, or go stale and are failed
             continue
         if not announced:
+            pruner = space.study.pruner + ("" if space.study.pruner == "none" else f" from epoch {space.min_epochs()}")
             print(f"study {space.study.name!r}: running trials up to {n_trials} ({space.study.sampler}, "
-                  f"pruner {space.study.pruner})", flush=True)
+                  f"pruner {pruner})", flush=True)
             announced = True
         with Heartbeat(storage, trial):
             try:

@@ -125,13 +125,14 @@ def test_journal_storage(tmp_path):
         optuna.storages.journal.JournalFileBackend(f"{tmp_path}/tiny.log")))) == 2
 
 
-def test_other_samplers_and_pruners_run(tmp_path):
+def test_other_samplers_and_pruners_run(tmp_path, capsys):
     for i, (sampler, pruner) in enumerate([("random", "hyperband"), ("gp", "successive_halving"),
                                            ("cmaes", "median")]):
         url = f"sqlite:///{tmp_path}/s{i}.db"
         space = space_file(tmp_path, study=f", sampler: {sampler}, pruner: {pruner}",
                            space="  lambda.start: {type: float, low: 0.1, high: 1.0}\n")
         assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "2"]) == 0
+        assert f"({sampler}, pruner {pruner} from epoch 1)" in capsys.readouterr().out
         study = optuna.load_study(study_name="tiny", storage=url)
         assert len(study.trials) == 2 and all(t.intermediate_values for t in study.trials)
         loaded = load_space(space)
