@@ -151,21 +151,26 @@ def test_min_epochs_defaults_to_a_third_of_training(tmp_path):
 def test_no_trial_is_pruned_before_min_epochs(tmp_path, pruner):
     space = load_space(space_file(tmp_path, study=f", pruner: {pruner}, min_epochs: 2",
                                   base=BASE.replace("epochs: 2", "epochs: 6")))
-    study = optuna.create_study(direction="maximize", pruner=make_pruner(space))
+    # a fixed name: Hyperband picks each trial's bracket from a hash of the study name and trial number
+    study = optuna.create_study(study_name="min_epochs", direction="maximize", pruner=make_pruner(space))
     for _ in range(9):  # trials that learned well and ran all 6 epochs
         good = study.ask()
         for step in range(1, 7):
             good.report(0.9, step)
             assert not good.should_prune()  # (successive halving records its rungs here)
         study.tell(good, 0.9)
-    bad = study.ask()
-    pruned_at = []
-    for step in range(1, 7):
-        bad.report(0.1, step)
-        pruned_at += [step] if bad.should_prune() else []
-    assert pruned_at and min(pruned_at) >= 2, pruned_at
-    if pruner != "hyperband":  # Hyperband's bracket for this trial may start at a later rung
-        assert min(pruned_at) == 2
+    first_pruned = []
+    for _ in range(4):  # trials that learn nothing; Hyperband's later brackets start at a later rung
+        bad = study.ask()
+        for step in range(1, 7):
+            bad.report(0.1, step)
+            if bad.should_prune():
+                first_pruned.append(step)
+                break
+        study.tell(bad, state=optuna.trial.TrialState.PRUNED)
+    assert first_pruned and min(first_pruned) == 2, first_pruned
+    if pruner != "hyperband":
+        assert first_pruned == [2, 2, 2, 2]
 
 
 def test_tpe_start_up_scales_with_the_budget(tmp_path):

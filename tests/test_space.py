@@ -132,7 +132,7 @@ def test_ships_the_documented_spaces():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_space_switches_to_paper_scale_by_override(path):
     space = load_space(path, ["data.name=cifar10", "data.download=true", "model.arch=resnet19",
-                              "optim.epochs=300"])
+                              "data.batch_size=128", "optim.epochs=300"])
     cfg = space.config({})
     assert cfg.data.name == "cifar10" and cfg.model.arch == "resnet19" and cfg.optim.epochs == 300
 
