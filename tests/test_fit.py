@@ -115,3 +115,12 @@ def test_cli_trains_and_prints_final_metrics(tmp_path):
     final = json.loads(proc.stdout.strip().splitlines()[-1])
     assert math.isfinite(final["test_acc"]) and final["model"].endswith("model.pt")
     assert "epochs" in proc.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_config_trains_an_epoch_with_its_heads(tmp_path, path):
+    cfg = load(path, ["data.limit=64", "optim.epochs=1", "model.width=4", f"run.out_dir={tmp_path}"])
+    result = fit(cfg)
+    assert math.isfinite(result.history[0].metrics["train_loss"])
+    assert result.history[0].grad_stats  # heads and all, the net trained
+    assert not any("head" in name for name, _ in result.model.named_modules())  # stripped for inference
