@@ -125,7 +125,7 @@ def _parse_study(path: Path, raw: Any) -> Study:
                 raise _err(path, f"study.{key}", f"got {raw[key]!r} (allowed: {', '.join(choices)})")
             setattr(study, key, raw[key])
     for key, low in (("n_trials", 1), ("heartbeat", 1), ("min_epochs", 1)):
-        if key in raw:
+        if key in raw and not (raw[key] is None and getattr(study, key) is None):  # null keeps a null default
             if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < low:
                 raise _err(path, f"study.{key}", f"must be an integer >= {low} (got {raw[key]!r})")
             setattr(study, key, raw[key])

@@ -141,7 +141,8 @@ def test_other_samplers_and_pruners_run(tmp_path, capsys):
 
 
 def test_min_epochs_defaults_to_a_third_of_training(tmp_path):
-    for epochs, min_epochs, expected in [(2, None, 1), (8, None, 3), (300, None, 100), (6, 2, 2), (6, 10, 6)]:
+    for epochs, min_epochs, expected in [(2, "", 1), (8, "", 3), (8, "null", 3), (300, "", 100), (6, 2, 2),
+                                         (6, 10, 6)]:
         study = ", pruner: median" + (f", min_epochs: {min_epochs}" if min_epochs else "")
         space = load_space(space_file(tmp_path, study=study, base=BASE.replace("epochs: 2", f"epochs: {epochs}")))
         assert space.min_epochs() == expected, (epochs, min_epochs)
