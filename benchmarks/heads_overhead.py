@@ -5,12 +5,12 @@
 Heads sit at the end of every stage but the last (pool + linear, the paper's cheap head; and the
 1x1-conv head with ``--hidden 32``). Inputs are random images of the arch's usual size (8x8 digits for
 ``resnet20`` on CPU, 32x32 CIFAR otherwise, 64x64 for ImageNet-style nets to keep memory small), T=4.
-Plain and heads runs take turns for ``--rounds`` rounds, each going first in every other round; the overhead is the median over rounds of
-with-heads time / plain time within the round, so drift in machine speed, which is slower than a round,
-cancels out. The step times shown are medians over rounds. The op
-columns count the ATen ops one training step runs (views excluded; on a GPU each is about one kernel
-launch, which is what small steps are bound by). The last column estimates one CIFAR-10 training epoch
-(40,000 images) from the plain step time.
+Plain and heads runs take turns for ``--rounds`` rounds, each going first in every other round; the
+overhead is the median over rounds of with-heads time / plain time within the round, so drift in
+machine speed, which is slower than a round, cancels out. The step times shown are medians over
+rounds. The op columns count the ATen ops one training step runs (views excluded; on a GPU each is
+about one kernel launch, which is what small steps are bound by). The last column estimates one
+CIFAR-10 training epoch (40,000 images) from the plain step time.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=10, help="alternating plain/heads rounds; medians are shown")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds in which plain and heads runs take turns")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

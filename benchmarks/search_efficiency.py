@@ -35,13 +35,14 @@ def search(space_path: str, overrides: list[str], sampler: str, pruner: str, tri
         study = run(space, open_storage(url, space.study.heartbeat), url, None)
         seconds = time.perf_counter() - t0
         done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    curves = [[h["val_acc"] for h in t.user_attrs["history"]] for t in done if t.state == TrialState.COMPLETE]
-    curve, spent, best = [], 0, float("-inf")
+    curve, curves, spent, best = [], [], 0, float("-inf")
     for t in sorted(done, key=lambda t: t.number):
         spent += t.user_attrs.get("epochs_run", 0)
         history = [h["val_acc"] for h in t.user_attrs.get("history", [])]
         best = max([best, *history]) if t.state == TrialState.PRUNED else max(best, t.value)
         curve.append((spent, best))
+        if t.state == TrialState.COMPLETE:
+            curves.append(history)
     return {"curve": curve, "epochs": spent, "best": best, "per_min": len(done) / seconds * 60, "seconds": seconds,
             "val_acc_curves": curves}
 

@@ -156,9 +156,9 @@ def test_scheduler_stopped_trials_are_pruned_and_never_exported(tmp_path):
 def test_ray_schedulers_count_epochs_and_wait_min_epochs(tmp_path):
     from search.ray_backend import _scheduler
 
-    for pruner in ("median", "successive_halving", "hyperband"):
-        space = load_space(space_file(tmp_path, epochs=6, study=f", pruner: {pruner}, min_epochs: 2"))
-        scheduler = _scheduler(space, 6)
+    spaces = {pruner: load_space(space_file(tmp_path, epochs=6, study=f", pruner: {pruner}, min_epochs: 2"))
+              for pruner in ("median", "successive_halving", "hyperband")}
+    schedulers = {pruner: _scheduler(space, 6) for pruner, space in spaces.items()}
+    for pruner, scheduler in schedulers.items():
         assert scheduler._time_attr == "training_iteration", pruner  # epochs, not seconds
-    median = _scheduler(load_space(space_file(tmp_path, epochs=6, study=", pruner: median, min_epochs: 2")), 6)
-    assert median._grace_period == 2
+    assert schedulers["median"]._grace_period == 2
