@@ -67,3 +67,21 @@ def test_cli_bad_key_exits_2_with_one_line():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.arch" in lines[0] and "resnet20" in lines[0]
+
+
+def test_device_takes_an_index_and_a_missing_gpu_is_an_error():
+    from trainer.fit import resolve_device
+
+    assert load(None, ["run.device=cuda:1"]).run.device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"bad value for 'run.device'.*got 'gpu'"):
+        load(None, ["run.device=gpu"])
+    assert resolve_device("cpu").type == "cpu"
+    if not __import__("torch").cuda.is_available():  # CI: no GPU, so asking for one must fail loudly
+        with pytest.raises(RuntimeError, match="run.device is 'cuda:3' but 0 CUDA devices are visible"):
+            resolve_device("cuda:3")
+
+
+def test_head_exits_are_checked_against_the_architecture():
+    assert load(None, ["model.arch=resnet18", "heads.exits=[layer4.1]"]).heads.exits == ["layer4.1"]
+    with pytest.raises(ConfigError, match=r"unknown block exit 'layer4.1' for resnet20 \(allowed: layer1.0,"):
+        load(None, ["heads.exits=[layer4.1]"])

@@ -19,6 +19,9 @@ def test_digits_splits_are_disjoint_and_fixed():
     b = load_data(DataConfig(batch_size=1000), CPU, seed=2)
     assert (len(a.train.x), len(a.val.x), len(a.test.x)) == (1150, 288, 359)
     assert torch.equal(a.val.x, b.val.x)  # the validation split does not depend on the run seed
+    rows = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
+    train, val, test = rows(a.train.x), rows(a.val.x), rows(a.test.x)
+    assert not (train & val) and not (train & test) and not (val & test)  # no image in two splits
     assert a.train.x.min() == 0 and a.train.x.max() == 1 and a.num_classes == 10 and a.in_channels == 1
 
 

@@ -124,3 +124,21 @@ def test_shipped_config_trains_an_epoch_with_its_heads(tmp_path, path):
     assert math.isfinite(result.history[0].metrics["train_loss"])
     assert result.history[0].grad_stats  # heads and all, the net trained
     assert not any("head" in name for name, _ in result.model.named_modules())  # stripped for inference
+
+
+def test_heads_stop_running_once_lambda_stays_zero_and_training_is_unchanged(monkeypatch):
+    from trainer.heads import ShortcutHead
+
+    calls = []
+    forward = ShortcutHead.forward
+    monkeypatch.setattr(ShortcutHead, "forward", lambda self, x: (calls.append(1), forward(self, x))[1])
+    cfg = load(None, SMALL + ["optim.epochs=4", "heads.exits=[layer1.0]", "lambda.fraction=0.5"])
+    per_epoch = []
+    skipped = fit(cfg, lambda r: per_epoch.append(len(calls)))
+    assert [r.metrics["lambda"] for r in skipped.history][2:] == [0.0, 0.0]  # 0 from epoch 2 to the end
+    assert per_epoch[0] > 0 and per_epoch[1] > per_epoch[0] and per_epoch[3] == per_epoch[1]  # no head calls
+
+    monkeypatch.setattr("trainer.fit.heads_matter", lambda cfg, epoch: bool(cfg.heads.exits))  # always run them
+    always = fit(cfg)
+    for a, b in zip(skipped.history, always.history):  # bit for bit the same training
+        assert a.metrics["train_loss"] == b.metrics["train_loss"] and a.metrics["val_acc"] == b.metrics["val_acc"]

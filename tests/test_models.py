@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from trainer.config import NeuronConfig
 from trainer.heads import ShortcutNet, UnknownExitError
-from trainer.models import ARCHS, SpikingResNet, make_neuron
+from trainer.models import ARCHS, SpikingResNet, block_exits, make_neuron
 
 NEURON = make_neuron(NeuronConfig(), cuda=False)
 
@@ -47,7 +47,16 @@ def test_heads_return_logits_and_strip_keeps_main_output(hidden):
     assert len(heads) == 3 and all(h.shape == (5, 10) for h in heads)
     stripped = net.strip()
     assert not any("heads" in k for k in stripped.state_dict())
-    torch.testing.assert_close(stripped(x), main)
+    # a net built afresh without heads, given the stripped weights, answers as the net with heads did
+    fresh = SpikingResNet("resnet20", 10, 1, NEURON, width=8).eval()
+    fresh.load_state_dict(stripped.state_dict())  # strict: exactly the backbone's keys
+    torch.testing.assert_close(fresh(x), main)
+    assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_block_exits_names_match_the_built_net(arch):
+    assert block_exits(arch) == list(SpikingResNet(arch, 10, 3, NEURON, width=2).exits)
 
 
 def test_head_is_the_time_average_of_a_pooled_linear_classifier():

@@ -74,3 +74,9 @@ def save_state(out_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
 def load_state(out_dir: Path, device: torch.device) -> dict[str, Any] | None:
     path = out_dir / STATE_FILE
     return torch.load(path, map_location=device, weights_only=False) if path.exists() else None
+
+
+def load_history(out_dir: Path) -> list[dict]:
+    """The per-epoch reports saved in ``last.pt`` (empty without one): what a resumed run starts from."""
+    state = load_state(out_dir, torch.device("cpu"))
+    return state["history"] if state else []

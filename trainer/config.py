@@ -82,7 +82,7 @@ class OptimConfig(Section):
 
 class RunConfig(Section):
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto, cpu, cuda, cuda:N
     out_dir: str | None = None
     resume: bool = False
     grad_stats: bool = True
@@ -128,9 +128,17 @@ def build(data: dict[str, Any], source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_one_line(err, source)) from None
+    from trainer.models import block_exits  # models imports this module
+
+    allowed = block_exits(cfg.model.arch)
+    unknown = [e for e in cfg.heads.exits if e not in allowed]
+    if unknown:  # caught here, so a search space can check every exit before any trial trains
+        raise ConfigError(f"{source}: bad value for 'heads.exits': unknown block exit {unknown[0]!r} for "
+                          f"{cfg.model.arch} (allowed: {', '.join(allowed)})")
+    return cfg
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -166,6 +174,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return data if data is not None else {}

@@ -54,11 +54,15 @@ Callback = Callable[[EpochReport], bool | None]
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a missing GPU is an error, not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RuntimeError(f"run.device is {name!r} but {torch.cuda.device_count()} CUDA devices are visible")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # compiled kernels and autocast follow the current device
+    return device
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -86,6 +90,13 @@ def evaluate(
     return {"loss": loss.item() / max(n, 1), "acc": correct.item() / max(n, 1)}
 
 
+def heads_matter(cfg: Config, epoch: int) -> bool:
+    """Whether the heads' loss has weight in this epoch or a later one. Once lambda stays 0 to the end,
+    the loss is exactly the main output's, so the heads are not run at all."""
+    epochs = cfg.optim.epochs
+    return bool(cfg.heads.exits) and any(balance(cfg.lambda_, e, epochs) > 0 for e in range(epoch, epochs))
+
+
 def _optimizer(cfg: Config, net: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
@@ -93,9 +104,10 @@ def _optimizer(cfg: Config, net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
-def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -> FitResult:
+def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, test: bool = True) -> FitResult:
     """Train ``cfg``; after each epoch call ``callback(report)``, which may return True to stop.
 
+    ``test=False`` never reads the test split (search trials rank on validation only).
     Exceptions raised by the callback (e.g. ``optuna.TrialPruned``) propagate. A non-finite training
     loss raises ``DivergedError``. With ``run.out_dir`` set, each epoch writes ``model.pt`` (stripped)
     and ``last.pt`` (resume state); ``run.resume`` continues from ``last.pt``.
@@ -119,7 +131,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # map_location moved it to the training device
         history = [EpochReport(**r) for r in state["history"]]
         start_epoch = state["epoch"] + 1
 
@@ -128,6 +140,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -
     stopped = False
     for epoch in bar:
         lam = balance(cfg.lambda_, epoch, epochs) if cfg.heads.exits else 0.0
+        forward = net if heads_matter(cfg, epoch) else lambda inputs: (backbone(inputs), [])
         lr = optimizer.param_groups[0]["lr"]
         net.train()
         data.start_epoch(epoch)
@@ -138,7 +151,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -
         for x, y in tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not progress):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, cfg.optim.amp):
-                main, heads = net(encode(x, cfg.data.timesteps, cfg.data.encoding))
+                main, heads = forward(encode(x, cfg.data.timesteps, cfg.data.encoding))
                 loss = shortcut_loss(main, heads, y, lam)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,12 +183,12 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False) -
             stopped = epoch < epochs - 1
             break
 
-    test = evaluate(backbone, data.test, cfg, device)
+    scores = {}
+    if test:
+        result = evaluate(backbone, data.test, cfg, device)
+        scores = {"test_loss": result["loss"], "test_acc": result["acc"]}
     model_path = None
     if out_dir:
         last = history[-1].metrics if history else {}
-        model_path = save_model(
-            out_dir, cfg, backbone, data.num_classes, data.in_channels,
-            {**last, "test_loss": test["loss"], "test_acc": test["acc"]},
-        )
-    return FitResult(history, {"test_loss": test["loss"], "test_acc": test["acc"]}, stopped, backbone, model_path)
+        model_path = save_model(out_dir, cfg, backbone, data.num_classes, data.in_channels, {**last, **scores})
+    return FitResult(history, scores, stopped, backbone, model_path)

@@ -87,6 +87,11 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
+def block_exits(arch: str) -> list[str]:
+    """Names of the block exits of ``arch`` (``layer<stage>.<block>``), without building the net."""
+    return [f"layer{i + 1}.{j}" for i, blocks in enumerate(ARCHS[arch].layers) for j in range(blocks)]
+
+
 class SpikingResNet(nn.Module):
     """Spiking ResNet; ``forward`` gives logits averaged over time, ``forward_taps`` adds exit features."""
 
