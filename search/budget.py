@@ -1,15 +1,20 @@
-"""A study-wide trial budget that many workers share exactly.
+"""A study-wide trial budget that many workers share exactly, and the heartbeat of a running trial.
 
 Optuna's ``MaxTrialsCallback`` checks the count after a trial ends, so two workers finishing at once
-can both start one more. Here each worker takes a lock, counts the study's trials (running ones
-included) and asks for a new trial only while the count is under budget. The lock is a PostgreSQL
-advisory lock for PostgreSQL storages (workers on many machines) and a file lock next to the SQLite
-database or journal file otherwise (workers on one machine).
+can both start one more. Here each worker takes a lock, counts the study's trials and asks for a new
+trial only while the count is under budget. The lock is a PostgreSQL advisory lock for PostgreSQL
+storages (workers on many machines) and a file lock ``<db or journal>.budget.lock`` otherwise (workers on
+one machine; never ``<journal>.lock``, the path of Optuna's own journal lock).
+
+The budget counts COMPLETE, PRUNED, RUNNING and WAITING trials and the FAILed ones that were not queued
+again: a retry of a killed trial costs nothing, and a trial that failed for good (diverged, out of
+memory) still uses its slot, so a study whose every config fails ends instead of looping.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import threading
 import warnings
 import zlib
@@ -19,12 +24,13 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
 from search.storage import heartbeat_enabled
 
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+log = logging.getLogger("search")
+USED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
 @contextmanager
@@ -44,7 +50,7 @@ def budget_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str)
         path = Path(storage.engine.url.database or "optuna.db")
     else:
         path = Path(url.removeprefix("journal:"))
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
+    with open(path.with_name(path.name + ".budget.lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -52,35 +58,66 @@ def budget_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def retry_history(trial: FrozenTrial) -> list[int]:
+    """Numbers of the earlier attempts of this trial, oldest first (Optuna's retry callback's record)."""
+    return trial.system_attrs.get("retry_history", [])
+
+
+def used(trials: list[FrozenTrial]) -> int:
+    """Trials that count against the budget (see the module docstring)."""
+    retried = {n for t in trials for n in retry_history(t)}
+    return sum(t.state in USED or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
+
+
 def ask_within(
     study: optuna.Study, storage: optuna.storages.BaseStorage, url: str, n_trials: int
 ) -> optuna.Trial | None:
-    """A new trial, or None once the study holds ``n_trials`` trials (all workers together)."""
+    """The next queued retry, or a new trial while the study is under budget (all workers together)."""
     with budget_lock(storage, url, study.study_name):
-        if len(study.get_trials(deepcopy=False, states=COUNTED)) >= n_trials:
+        trials = study.get_trials(deepcopy=False)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting and used(trials) >= n_trials:
             return None
         with warnings.catch_warnings():  # Optuna warns that heartbeats expect study.optimize; see Heartbeat
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            return study.ask()
+            return study.ask()  # pops a WAITING trial first
+
+
+def claim_worker(study: optuna.Study, storage: optuna.storages.BaseStorage, url: str) -> int:
+    """A number no other worker of this study got (0, 1, 2, ...): each worker's sampler seed stream."""
+    with budget_lock(storage, url, study.study_name):
+        index = study.user_attrs.get("workers", 0)
+        study.set_user_attr("workers", index + 1)
+    return index
 
 
 class Heartbeat:
-    """Beat for a running trial (RDB storages), so other workers can fail it if this process dies."""
+    """Beat for a running trial, so that other workers fail and re-queue it if this process dies.
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> None:
-        self.storage, self.trial_id = storage, trial._trial_id
+    A failed beat (the storage briefly unreachable or locked) is logged and tried again at the next
+    interval; the thread only ends with the trial.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int, number: int) -> None:
+        self.storage, self.trial_id, self.number = storage, trial_id, number
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def _beat(self, interval: float) -> None:
-        while not self.stop.wait(interval):
+    def beat(self) -> None:
+        try:
             self.storage.record_heartbeat(self.trial_id)
+        except Exception as err:  # noqa: BLE001 - any storage error: keep beating
+            log.warning("heartbeat of trial %d failed (%s: %s); retrying", self.number, type(err).__name__, err)
+
+    def _run(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            self.beat()
 
     def __enter__(self) -> Heartbeat:
         if heartbeat_enabled(self.storage):
-            self.storage.record_heartbeat(self.trial_id)
+            self.beat()
             interval = self.storage.get_heartbeat_interval()
-            self.thread = threading.Thread(target=self._beat, args=(interval,), daemon=True)
+            self.thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
             self.thread.start()
         return self
 

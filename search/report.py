@@ -22,8 +22,8 @@ import plotly.graph_objects as go  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from plotly.offline import get_plotlyjs  # noqa: E402
 
-from search.export import is_full, load_study, select  # noqa: E402
-from search.storage import STUDIES_DIR, default_url  # noqa: E402
+from search.storage import default_url, study_dir  # noqa: E402
+from search.study import is_full, load_study, select  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.schedule import balance  # noqa: E402
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = args.out or STUDIES_DIR / args.study / "report.html"
+    out = args.out or study_dir(url, args.study) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(study))
     print(out)

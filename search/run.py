@@ -1,7 +1,8 @@
 """Run a search space: ``python search/run.py --space spaces/lambda_decay.yaml``.
 
-Re-running the same command resumes the study and tops it up to ``study.n_trials`` finished trials.
-Bad input exits with code 2 and a one-line error before the study is touched.
+Re-running the same command resumes the study: trials that a killed or interrupted worker left behind
+continue from their last finished epoch, and the study is topped up to ``study.n_trials`` trials.
+Bad input exits with code 2 and a one-line error before the study is touched; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
 import argparse  # noqa: E402
 
 from search.space import SpaceError, load_space  # noqa: E402
-from search.storage import default_url, open_storage  # noqa: E402
+from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,13 +25,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--space", required=True, help="space YAML file (see spaces/)")
     parser.add_argument("--storage", help="SQLAlchemy URL or journal:FILE.log (default: study.storage, "
                         "else sqlite:///studies/<name>.db)")
+    parser.add_argument("--study-name", help="run the space as this study (default: study.name); a different "
+                        "base config or space must be a different study")
     parser.add_argument("--n-trials", type=int, help="study-wide number of finished trials (default: study.n_trials)")
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the base trainer config, e.g. --set data.name=cifar10 (repeatable)")
     parser.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
-                        help="optuna: this process runs trials (start more processes for more workers); "
-                        "ray: Ray Tune runs them in parallel")
+                        help="optuna: this process runs trials (--workers for more); ray: Ray Tune runs them")
+    parser.add_argument("--workers", type=int, help="local worker processes on the study (optuna backend)")
+    parser.add_argument("--devices", help="a device per worker: auto (every visible GPU), or e.g. cuda:0,cuda:1")
+    parser.add_argument("--study-dir", type=Path, help="trial folders, artifacts, Ray results (default: beside a "
+                        "SQLite or journal file, studies/<study>/ for other storages)")
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set for the children of --workers
     ray = parser.add_argument_group("ray backend")
     ray.add_argument("--address", help="join a running Ray cluster, e.g. auto or ray://head:10001 "
                      "(default: start Ray on this machine)")
@@ -41,36 +48,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         space = load_space(args.space, args.overrides)
+        if args.study_name is not None:
+            if not args.study_name.replace("-", "_").isidentifier():
+                raise SpaceError(f"--study-name: {args.study_name!r}: letters, digits, '_' or '-'")
+            space.study.name = args.study_name
         if args.n_trials is not None and args.n_trials < 1:
             raise SpaceError(f"--n-trials: must be >= 1 (got {args.n_trials})")
+        if args.workers is not None and args.workers < 1:
+            raise SpaceError(f"--workers: must be >= 1 (got {args.workers})")
+        if args.backend == "ray" and (args.workers or args.devices):
+            raise SpaceError("--workers/--devices: for the optuna backend (Ray: --max-concurrent, --gpus-per-trial)")
+        from search.workers import devices
+
+        worker_devices = devices(args.devices, args.workers) if args.workers or args.devices else []
         url = args.storage or space.study.storage or default_url(space.study.name)
-        storage = open_storage(url, space.study.heartbeat)
+        root = args.study_dir or study_dir(url, space.study.name)
+        artifact_store(artifact_location(space.study.artifacts, root))  # a missing package fails here
+        storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
     except (SpaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     space.study.n_trials = args.n_trials or space.study.n_trials  # the budget; TPE sizes its start-up by it
     timeout = args.timeout or space.study.timeout
-    print(f"storage: {url}", flush=True)
-    from search.optuna_backend import StudyMismatchError
+    from search.study import StudyMismatchError, create_study
 
+    if args.worker_index is not None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent said it; keep the bars clean
     try:
-        if args.backend == "ray":
+        if args.worker_index is None:
+            print(f"storage: {url}", flush=True)
+        if len(worker_devices) > 1:
+            from search.workers import launch
+
+            study = create_study(space, storage, root)  # once, before the workers: creation races in SQLite
+            code = launch(argv, worker_devices)
+        elif args.backend == "ray":
             from search.ray_backend import run as run_ray
 
             study = run_ray(space, storage, url, timeout, args.address, args.cpus_per_trial,
-                            args.gpus_per_trial, args.max_concurrent)
+                            args.gpus_per_trial, args.max_concurrent, root)
         else:
             from search.optuna_backend import run
 
-            study = run(space, storage, url, timeout)
+            if worker_devices:
+                space.base = {**space.base, "run": {**space.base.get("run", {}), "device": worker_devices[0]}}
+            tag = "" if args.worker_index is None else f"w{args.worker_index} "
+            study = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
     except StudyMismatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"done. browse: optuna-dashboard {url}\nexport: python search/export.py --study {study.study_name} "
-          f"--storage {url}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
+        return 130
+    if args.worker_index is not None:
+        return 0
+    if len(worker_devices) > 1 and code:
+        return code
+    name = space.study.name
+    dashboard = url.removeprefix("journal:")  # optuna-dashboard reads a journal file by its path
+    artifacts = study.user_attrs["artifacts"]
+    if "://" not in artifacts:  # the dashboard's command line serves folders only
+        dashboard += f" --artifact-dir {artifacts}"
+    print(f"done. browse: optuna-dashboard {dashboard}\n"
+          f"export: python search/export.py --study {name} --storage {url}", flush=True)
     return 0
 
 

@@ -3,7 +3,7 @@
 A space file has four sections (see README "Space files"):
 
     study:  name, direction(s), metric(s), sampler, pruner, min_epochs, n_trials, timeout, seed, storage,
-            heartbeat
+            heartbeat, max_retry, artifacts
     base:   a full trainer config (same format as ``python -m trainer --config``)
     final:  dotted overrides applied when the best config is retrained at full length
     space:  parameters keyed by dotted config path, e.g. ``lambda.start: {type: float, low: 0.1, high: 1}``
@@ -16,20 +16,20 @@ Every problem is a ``SpaceError`` whose one-line message names the file, the key
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from search.samplers import PRUNERS, SAMPLERS, grid
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
 
-SAMPLERS = ("tpe", "gp", "cmaes", "random", "nsga2", "grid")
-PRUNERS = ("median", "hyperband", "successive_halving", "none")
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "spike_rate": "minimize", "train_time": "minimize"}
 TYPES = ("float", "int", "categorical", "subset")
 STUDY_KEYS = ("name", "direction", "metric", "sampler", "pruner", "min_epochs", "n_trials", "timeout", "seed",
-              "storage", "heartbeat")
+              "storage", "heartbeat", "max_retry", "artifacts")
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -66,7 +66,9 @@ class Study:
     timeout: float | None = None
     seed: int | None = 0
     storage: str | None = None
-    heartbeat: int = 10  # seconds between RUNNING-trial heartbeats; stale after 3 missed
+    heartbeat: int = 10  # seconds between RUNNING-trial heartbeats; see storage.timeouts for the grace period
+    max_retry: int = 2  # times a trial whose worker died is queued again
+    artifacts: str | None = None  # folder of the artifact store; None: <study dir>/artifacts
 
 
 @dataclass
@@ -124,7 +126,7 @@ def _parse_study(path: Path, raw: Any) -> Study:
             if raw[key] not in choices:
                 raise _err(path, f"study.{key}", f"got {raw[key]!r} (allowed: {', '.join(choices)})")
             setattr(study, key, raw[key])
-    for key, low in (("n_trials", 1), ("heartbeat", 1), ("min_epochs", 1)):
+    for key, low in (("n_trials", 1), ("heartbeat", 1), ("min_epochs", 1), ("max_retry", 0)):
         if key in raw and not (raw[key] is None and getattr(study, key) is None):  # null keeps a null default
             if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < low:
                 raise _err(path, f"study.{key}", f"must be an integer >= {low} (got {raw[key]!r})")
@@ -137,8 +139,9 @@ def _parse_study(path: Path, raw: Any) -> Study:
         if raw["seed"] is not None and not isinstance(raw["seed"], int):
             raise _err(path, "study.seed", f"must be an integer or null (got {raw['seed']!r})")
         study.seed = raw["seed"]
-    if raw.get("storage") is not None:
-        study.storage = str(raw["storage"])
+    for key in ("storage", "artifacts"):
+        if raw.get(key) is not None:
+            setattr(study, key, str(raw[key]))
     if len(metrics) > 1 and study.pruner != "none":
         raise _err(path, "study.pruner", "Optuna cannot prune multi-objective studies (allowed: none)")
     return study
@@ -225,16 +228,27 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> Space:
     return space
 
 
+def _values(p: Param) -> list[Any]:
+    """The values of ``p`` worth checking: both bounds, each choice, each subset member and the whole set."""
+    if p.type == "subset":
+        return [[c] for c in p.choices] + [list(p.choices)]
+    return list(p.choices) if p.type == "categorical" else [p.low, p.high]
+
+
 def _check_configs(space: Space) -> None:
-    """Fail before any trial if the base, a parameter's bounds or ``final`` make an invalid config."""
+    """Fail before any trial if the base, a sampled value or ``final`` makes an invalid config.
+
+    Every value of every parameter is checked against the base, and every pair of values of two
+    parameters against each other (a head exit against each architecture, say).
+    """
     try:
         cfg = space.config({})
         for p in space.params:
-            if p.type == "subset":
-                space.config({p.key: list(p.choices)})
-            else:
-                for value in (p.choices if p.type == "categorical" else [p.low, p.high]):
-                    space.config({p.key: value})
+            for value in _values(p):
+                space.config({p.key: value})
+        for p, q in itertools.combinations(space.params, 2):
+            for a, b in itertools.product(_values(p), _values(q)):
+                space.config({p.key: a, q.key: b})
         space.final_config(cfg.to_dict())
     except ConfigError as err:
         raise SpaceError(str(err)) from None
@@ -259,20 +273,3 @@ def suggest(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
         else:
             values[p.key] = [c for c in p.choices if trial.suggest_categorical(f"{p.key}:{c}", [False, True])]
     return values
-
-
-def grid(params: list[Param]) -> dict[str, list[Any]]:
-    """GridSampler's search space: every value of every parameter (floats need a step)."""
-    out: dict[str, list[Any]] = {}
-    for p in params:
-        if p.type in ("float", "int"):
-            if p.step is None and p.type == "float":
-                raise SpaceError(f"'space.{p.key}.step': grid needs a step for float parameters")
-            step = p.step or 1
-            n = int(round((p.high - p.low) / step))
-            out[p.key] = [p.low + i * step for i in range(n + 1)]
-        elif p.type == "categorical":
-            out[p.key] = list(p.choices)
-        else:
-            out.update({f"{p.key}:{c}": [False, True] for c in p.choices})
-    return out

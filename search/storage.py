@@ -5,19 +5,29 @@
 - ``journal:path/to/file.log`` (or any ``*.log`` path): Optuna's JournalFileBackend, fast and safe for many
   processes on one machine.
 
-RDB storages get heartbeats, so a trial whose process died is failed once it misses three beats.
+Every storage beats for running trials (RDB storages in their own table, journal files in one small
+file per running trial beside the journal) and gives Optuna's ``fail_stale_trials`` a
+``RetryHeartbeatStaleTrialCallback``: a trial whose worker died is failed and queued again with the same
+params, and the retry resumes from the dead trial's checkpoint (see ``search/trial.py``).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage
+from urllib.parse import urlparse
+
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, GCSArtifactStore
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat  # what fail_stale_trials checks; not re-exported
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 STUDIES_DIR = Path("studies")
 
@@ -26,42 +36,132 @@ def default_url(study_name: str) -> str:
     return f"sqlite:///{STUDIES_DIR / study_name}.db"
 
 
-def open_storage(url: str, heartbeat: int = 10) -> optuna.storages.BaseStorage:
-    """The Optuna storage behind ``url``; raises ValueError with a one-line message on a bad URL."""
-    if url.startswith("journal:") or url.endswith(".log"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ValueError(f"storage: {url!r} is not an SQLAlchemy URL or a journal file (journal:path.log)") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+def study_dir(url: str, study_name: str) -> Path:
+    """Where a study's files live (trial directories, artifacts, exports): beside a SQLite or journal file
+    (``studies/x.db`` -> ``studies/x/``), else ``studies/<name>/``."""
+    if _is_journal(url):
+        return Path(url.removeprefix("journal:")).parent / study_name
+    if url.startswith("sqlite:///") and make_url(url).database not in (None, "", ":memory:"):
+        return Path(make_url(url).database).parent / study_name
+    return STUDIES_DIR / study_name
+
+
+def timeouts(heartbeat: int) -> tuple[int, int]:
+    """(storage timeout, grace period) in seconds: a beat blocked for the whole storage timeout still
+    lands within the grace period, so a slow storage never makes a live trial look dead."""
+    storage_timeout = max(5, 2 * heartbeat)
+    return storage_timeout, storage_timeout + heartbeat
+
+
+def _is_journal(url: str) -> bool:
+    return url.startswith("journal:") or url.endswith(".log")
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A journal storage with heartbeats: each running trial touches ``<journal>.beats/<trial_id>``.
+
+    Beats are file modification times, so they add nothing to the journal and never wait for its lock.
+    """
+
+    def __init__(self, path: Path, heartbeat: int, retry: RetryHeartbeatStaleTrialCallback) -> None:
+        super().__init__(JournalFileBackend(str(path)))
+        self.beats = path.with_name(path.name + ".beats")
+        self.beats.mkdir(exist_ok=True)
+        self.heartbeat, self.grace = heartbeat, timeouts(heartbeat)[1]
+        self.retry = retry
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        (self.beats / str(trial_id)).touch()
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now, stale = time.time(), []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = self.beats / str(trial._trial_id)
+            if beat.exists() and now - beat.stat().st_mtime > self.grace:  # no beat yet: not judged, as RDB
+                stale.append(trial._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int:
+        return self.heartbeat
+
+    def get_heartbeat_stale_trial_callback(self) -> RetryHeartbeatStaleTrialCallback:
+        return self.retry
+
+
+def open_storage(url: str, heartbeat: int = 10, max_retry: int | None = 2) -> optuna.storages.BaseStorage:
+    """The Optuna storage behind ``url``; raises ValueError with a one-line message naming the URL."""
+    with warnings.catch_warnings():  # heartbeats and retries are "experimental" in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            url,
-            heartbeat_interval=heartbeat,
-            grace_period=3 * heartbeat,
-            engine_kwargs={"connect_args": {"timeout": 60}} if parsed.get_backend_name() == "sqlite" else {},
-        )
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        if _is_journal(url):
+            path = Path(url.removeprefix("journal:"))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                return HeartbeatJournalStorage(path, heartbeat, retry)
+            except OSError as err:
+                raise ValueError(f"storage {url}: cannot open the journal file ({err.strerror})") from None
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError(f"storage {url!r}: not an SQLAlchemy URL or a journal file (journal:path.log)") from None
+        storage_timeout, grace = timeouts(heartbeat)
+        backend = parsed.get_backend_name()
+        if backend == "sqlite" and parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        connect = {"sqlite": {"timeout": storage_timeout}, "postgresql": {"connect_timeout": storage_timeout}}
+        for attempt in range(3):  # workers started at once race to create Optuna's tables; the loser retries
+            try:
+                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                  heartbeat_stale_trial_callback=retry,
+                                  engine_kwargs={"connect_args": connect.get(backend, {}), "pool_pre_ping": True})
+            except (SQLAlchemyError, ImportError) as err:
+                if attempt == 2 or isinstance(err, ImportError):
+                    reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+                    raise ValueError(f"storage {url}: cannot open ({reason})") from None
+                time.sleep(0.5 * (attempt + 1))
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
-    """Whether running trials beat, so that a dead worker's trial can be told apart (RDB storages)."""
-    return isinstance(storage, RDBStorage) and bool(storage.get_heartbeat_interval())
+    """Whether running trials beat, so that a dead worker's trial can be told apart."""
+    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
-def fail_stale(storage: optuna.storages.BaseStorage, study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker stopped beating (RDB storages); returns their numbers."""
-    if not heartbeat_enabled(storage):
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose worker stopped beating, queueing each again (up to ``max_retry``)
+    through the storage's retry callback; returns the numbers of the failed trials."""
+    if not heartbeat_enabled(study._storage):
         return []
-    running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if not running:
         return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    failed = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))}
-    return [n for n in running if n in failed]
+    return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running)
+
+
+ARTIFACT_STORES = {  # URL scheme of study.artifacts -> Optuna's store for that service (any other: a folder)
+    "s3": lambda bucket: Boto3ArtifactStore(bucket),  # credentials and endpoint from boto3's usual settings
+    "gs": lambda bucket: GCSArtifactStore(bucket),
+}
+
+
+def artifact_location(spec: str | None, root: Path) -> str:
+    """What a study records as its user attr ``artifacts``: ``s3://bucket``, ``gs://bucket``, or an
+    absolute folder (``spec``, else ``<root>/artifacts``)."""
+    if spec and urlparse(spec).scheme in ARTIFACT_STORES:
+        return spec
+    return str(Path(spec or root / "artifacts").resolve())
+
+
+def artifact_store(location: str) -> ArtifactStore:
+    """The store of trial files (``model.pt``, ``config.yaml``) for many machines: a bucket, or a folder
+    they all mount."""
+    url = urlparse(location)
+    if url.scheme in ARTIFACT_STORES:
+        try:
+            return ARTIFACT_STORES[url.scheme](url.netloc)
+        except ImportError as err:
+            raise ValueError(f"study.artifacts {location}: needs the {err.name} package") from None
+    Path(location).mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(location)

@@ -20,7 +20,8 @@ from optuna.trial import TrialState
 from search import export as export_cli
 from search import retrain as retrain_cli
 from search import run as run_cli
-from search.optuna_backend import make_pruner, make_sampler
+from search.samplers import make_pruner, make_sampler
+from search.study import dominates, select
 from search.space import load_space
 from trainer.config import load
 
@@ -64,6 +65,9 @@ def test_run_resume_export_retrain(tmp_path, capsys):
     assert len(attrs["history"]) == 2 and "val_acc" in attrs["history"][0]
     assert "layer1.0.conv1" in attrs["grad_stats"]["first"] and "stem_lif" in attrs["firing_rates"]
     assert list(done[0].intermediate_values) == [1, 2]  # step = epochs trained
+    assert "test" not in attrs and attrs["starts"] == [0]  # trials never read the test split
+    trial_dir = tmp_path / "tiny" / "trials" / "0"
+    assert sorted(p.name for p in trial_dir.iterdir()) == ["config.yaml", "model.pt"]  # last.pt dropped
 
     # the same command tops the study up to the study-wide budget, then does nothing more
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
@@ -73,6 +77,12 @@ def test_run_resume_export_retrain(tmp_path, capsys):
 
     assert export_cli.main(["--study", "tiny", "--storage", url, "--out", str(tmp_path / "exp")]) == 0
     best_file = tmp_path / "exp" / "best.yaml"
+    best_model = torch.load(tmp_path / "exp" / "best_model.pt", weights_only=True)  # from the artifact store
+    kept = torch.load(tmp_path / "tiny" / "trials" / str(trials(url)[0].number) / "model.pt", weights_only=True)
+    best_trial = optuna.load_study(study_name="tiny", storage=url).best_trial
+    trained = torch.load(tmp_path / "tiny" / "trials" / str(best_trial.number) / "model.pt", weights_only=True)
+    assert all(torch.equal(best_model["state_dict"][k], v) for k, v in trained["state_dict"].items())
+    assert kept["metrics"]["val_acc"] == trials(url)[0].value
     exported = yaml.safe_load(best_file.read_text())
     best = optuna.load_study(study_name="tiny", storage=url).best_trial
     assert exported["provenance"]["trial"] == best.number and exported["provenance"]["values"] == [best.value]
@@ -88,14 +98,17 @@ def test_run_resume_export_retrain(tmp_path, capsys):
     assert not any(k.startswith("heads") for k in blob["state_dict"])
 
 
-def test_top_k_export(tmp_path):
+def test_top_k_export_writes_the_k_best_trials(tmp_path):
     url = f"sqlite:///{tmp_path}/tiny.db"
-    assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", url, "--n-trials", "3"]) == 0
+    assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", url, "--n-trials", "4"]) == 0
     assert export_cli.main(["--study", "tiny", "--storage", url, "--top-k", "2", "--out", str(tmp_path)]) == 0
-    files = sorted(p.name for p in tmp_path.glob("trial_*.yaml"))
-    assert len(files) == 2
-    values = [yaml.safe_load((tmp_path / f).read_text())["provenance"]["values"][0] for f in files]
-    assert max(values) == max(t.value for t in trials(url))
+    ranked = sorted(trials(url), key=lambda t: (-t.value, t.number))
+    exported = {int(p.stem.split("_")[1]) for p in tmp_path.glob("trial_*.yaml")}
+    assert len(exported) == 2
+    assert sorted(t.value for t in trials(url) if t.number in exported) == sorted(t.value for t in ranked[:2])
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["provenance"]["values"] == [ranked[0].value]
+    assert [t.number for t in select(optuna.load_study(study_name="tiny", storage=url), top_k=4)] == \
+        [t.number for t in ranked]  # best first
 
 
 def test_diverging_trial_fails_with_reason_and_study_goes_on(tmp_path):
@@ -115,7 +128,12 @@ def test_multi_objective_pareto_export(tmp_path):
     done = trials(url)
     assert all(len(t.values) == 2 and 0 <= t.values[1] <= 1 for t in done)
     assert export_cli.main(["--study", "tiny", "--storage", url, "--pareto", "--out", str(tmp_path)]) == 0
-    assert len(list(tmp_path.glob("trial_*.yaml"))) >= 1
+    front = {int(p.stem.split("_")[1]) for p in tmp_path.glob("trial_*.yaml")}
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert front == {t.number for t in study.best_trials}  # Optuna's own Pareto front
+    on, off = [t for t in done if t.number in front], [t for t in done if t.number not in front]
+    assert not any(dominates(a, b, study.directions) for a in done for b in on)  # nothing beats the front
+    assert all(any(dominates(a, b, study.directions) for a in on) for b in off)  # each other trial is beaten
 
 
 def test_journal_storage(tmp_path):
@@ -188,7 +206,9 @@ def test_dashboard_and_optuna_cli_read_the_study(tmp_path):
     assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", url, "--n-trials", "2"]) == 0
     from optuna_dashboard import wsgi
 
-    app = wsgi(url)
+    from optuna.artifacts import FileSystemArtifactStore
+
+    app = wsgi(url, artifact_store=FileSystemArtifactStore(str(tmp_path / "tiny" / "artifacts")))
 
     def get(path):
         environ = {"PATH_INFO": path, "HTTP_ACCEPT_ENCODING": "gzip"}
@@ -204,6 +224,11 @@ def test_dashboard_and_optuna_cli_read_the_study(tmp_path):
     status, body = get(f"/api/studies/{studies[0]['study_id']}")
     detail = json.loads(body)
     assert status.startswith("200") and len(detail["trials"]) == 2 and detail["objective_names"] == ["val_acc"]
+    artifacts = detail["trials"][0]["artifacts"]  # what the dashboard lists on the trial's page
+    assert sorted(a["filename"] for a in artifacts) == ["config.yaml", "model.pt"]
+    model = next(a for a in artifacts if a["filename"] == "model.pt")
+    status, body = get(f"/artifacts/{studies[0]['study_id']}/{detail['trials'][0]['trial_id']}/{model['artifact_id']}")
+    assert status.startswith("200") and torch.load(io.BytesIO(body), weights_only=True)["state_dict"]
 
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "optuna"), "trials", "--study-name", "tiny", "--storage", url, "-f", "json"],
@@ -212,32 +237,6 @@ def test_dashboard_and_optuna_cli_read_the_study(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows)
-
-
-def test_killed_worker_leaves_no_running_trial(tmp_path):
-    url = f"sqlite:///{tmp_path}/tiny.db"
-    space = space_file(tmp_path, study=", pruner: none, heartbeat: 1", base=BASE.replace("epochs: 2", "epochs: 50"))
-    cmd = [sys.executable, "search/run.py", "--space", str(space), "--storage", url, "--n-trials", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(1)
-        try:
-            if any(t.state == TrialState.RUNNING and t.user_attrs.get("epochs_run") for t in trials(url)):
-                break
-        except KeyError:  # study not created yet
-            pass
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert [t.state for t in trials(url)] == [TrialState.RUNNING]
-    time.sleep(4)  # three missed heartbeats
-    space.write_text(space.read_text().replace("epochs: 50", "epochs: 1"))
-    resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "failed stale trials left RUNNING by a dead worker: [0]" in resumed.stdout
-    states = [t.state for t in trials(url)]
-    assert TrialState.RUNNING not in states and states[0] == TrialState.FAIL
-    assert states.count(TrialState.COMPLETE) == 1  # the budget counts the failed trial too
 
 
 def test_report_is_one_self_contained_html_with_every_section(tmp_path):
@@ -300,3 +299,63 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path):
         colours = image.getcolors(maxcolors=1 << 16) or []
         saturated = sum(n for n, (r, g, b) in colours if max(r, g, b) - min(r, g, b) > 60)
         assert image.size == (600, 400) and len(colours) > 20 and saturated > 50, layout.get("title")
+
+
+def test_artifacts_in_an_s3_bucket(tmp_path, capsys, monkeypatch):
+    """study.artifacts: s3://bucket keeps the trial files in S3 (here moto's in-process S3, no network),
+    and export fetches the best model from there."""
+    import boto3
+    from moto import mock_aws
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    with mock_aws():
+        boto3.client("s3").create_bucket(Bucket="snn-trials")
+        space = space_file(tmp_path, study=", pruner: none, artifacts: s3://snn-trials")
+        assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "1"]) == 0
+        assert "--artifact-dir" not in capsys.readouterr().out  # the dashboard's CLI serves folders only
+        keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="snn-trials")["Contents"]]
+        assert len(keys) == 2  # model.pt and config.yaml of the one trial
+        assert export_cli.main(["--study", "tiny", "--storage", url, "--out", str(tmp_path / "exp")]) == 0
+    assert torch.load(tmp_path / "exp" / "best_model.pt", weights_only=True)["state_dict"]
+    assert not (tmp_path / "tiny" / "artifacts").exists()
+
+
+def test_a_study_never_mixes_setups(tmp_path, capsys):
+    """The stored study knows what it searches: another base or space is refused with the fix named."""
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    space = str(space_file(tmp_path))
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "1"]) == 0
+    capsys.readouterr()
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "2", "--set", "data.timesteps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "study 'tiny' was created with base.data.timesteps=2, this run has 3" in err
+    assert "--study-name NAME" in err and len(trials(url)) == 1  # nothing was added
+
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(Path(space).read_text().replace("low: 0.1", "low: 0.0"))
+    assert run_cli.main(["--space", str(wider), "--storage", url]) == 2
+    assert "created with space.lambda.start.low=0.1, this run has 0.0" in capsys.readouterr().err
+
+    # where a trial runs is not what it searches: another device or data folder is the same study
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "1", "--set", "run.device=cpu",
+                         "--set", "data.root=elsewhere"]) == 0
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "1", "--set", "data.timesteps=3",
+                         "--study-name", "tiny_t3"]) == 0
+    assert len(trials(url, "tiny_t3")) == 1 and len(trials(url)) == 1
+    assert trials(url, "tiny_t3")[0].user_attrs["config"]["data"]["timesteps"] == 3
+
+
+def test_a_study_from_before_identities_is_checked_against_its_trials(tmp_path, capsys):
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    space = str(space_file(tmp_path))
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "1"]) == 0
+    with sqlite3.connect(tmp_path / "tiny.db") as db:  # as an older version left it
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'identity'")
+    capsys.readouterr()
+    assert run_cli.main(["--space", space, "--storage", url, "--set", "model.width=8"]) == 2
+    assert "created with base.model.width=4, this run has 8" in capsys.readouterr().err

@@ -1,0 +1,87 @@
+"""Samplers and pruners by name (``study.sampler``, ``study.pruner``): name -> factory registries.
+
+Each worker passes its own seed (``worker_seed``), so workers on one study never draw the same
+start-up trials. TPE runs with ``constant_liar``: while other trials run, it treats them as bad
+results at their params and samples elsewhere (with one worker nothing runs meanwhile, so nothing
+changes). Pruners count steps in epochs trained and never stop a trial before ``min_epochs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+from optuna.samplers import BaseSampler, GridSampler
+
+if TYPE_CHECKING:
+    from search.space import Param, Space
+
+
+def startup_trials(n_trials: int) -> int:
+    """Random trials before TPE models the space: a quarter of the budget, 3 to Optuna's default 10."""
+    return min(10, max(3, n_trials // 4))
+
+
+def worker_seed(seed: int | None, worker: int) -> int | None:
+    """Worker ``worker``'s sampler seed: an independent stream derived from ``study.seed``."""
+    return None if seed is None else int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
+
+
+class Grid(GridSampler):
+    """GridSampler that leaves stopping to the ask loop (which checks ``is_exhausted`` before each ask):
+    Optuna's calls ``study.stop()``, which raises outside ``study.optimize``."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001 - Optuna's signature
+        pass
+
+
+def grid(params: list[Param]) -> dict[str, list[Any]]:
+    """GridSampler's search space: every value of every parameter (floats need a step)."""
+    from search.space import SpaceError
+
+    out: dict[str, list[Any]] = {}
+    for p in params:
+        if p.type in ("float", "int"):
+            if p.step is None and p.type == "float":
+                raise SpaceError(f"'space.{p.key}.step': grid needs a step for float parameters")
+            step = p.step or 1
+            n = int(round((p.high - p.low) / step))
+            out[p.key] = [p.low + i * step for i in range(n + 1)]
+        elif p.type == "categorical":
+            out[p.key] = list(p.choices)
+        else:
+            out.update({f"{p.key}:{c}": [False, True] for c in p.choices})
+    return out
+
+
+SAMPLERS: dict[str, Callable[[Space, int | None], BaseSampler]] = {
+    # Optuna's 10 random start-up trials would leave a 12-trial study 2 model-guided ones.
+    "tpe": lambda space, seed: optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=startup_trials(space.study.n_trials), constant_liar=True),
+    "gp": lambda space, seed: optuna.samplers.GPSampler(seed=seed),
+    "cmaes": lambda space, seed: optuna.samplers.CmaEsSampler(seed=seed),
+    "random": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),
+    "nsga2": lambda space, seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "grid": lambda space, seed: Grid(grid(space.params), seed=seed),
+}
+
+
+def make_sampler(space: Space, worker: int = 0) -> BaseSampler:
+    return SAMPLERS[space.study.sampler](space, worker_seed(space.study.seed, worker))
+
+
+PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {  # (min_epochs, epochs) -> pruner
+    "median": lambda first, epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first),
+    "hyperband": lambda first, epochs: optuna.pruners.HyperbandPruner(
+        min_resource=first, max_resource=epochs, reduction_factor=3),
+    "successive_halving": lambda first, epochs: optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=first, reduction_factor=3),
+    "none": lambda first, epochs: optuna.pruners.NopPruner(),
+}
+
+
+def make_pruner(space: Space) -> optuna.pruners.BasePruner:
+    """Steps are epochs trained; no pruner decides before ``space.min_epochs()`` of them."""
+    return PRUNERS[space.study.pruner](space.min_epochs(), space.config({}).optim.epochs)

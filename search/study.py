@@ -1,0 +1,133 @@
+"""Studies: created once (or loaded), and the queries that ``export``, ``report`` and the backends share."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.space import Space
+from search.storage import artifact_location, open_storage
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+# Where and how a config runs, not what it is: workers on other devices or machines share a study.
+PLACE_KEYS = ("base.run.device", "base.run.out_dir", "base.run.resume", "base.data.root", "base.data.download",
+              "base.data.num_workers", "base.provenance")
+
+
+class StudyMismatchError(ValueError):
+    """The stored study searches another setup (base config, parameters, metrics) than this run."""
+
+
+def _flat(data: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}.{key}").items()}
+    return {prefix: data}
+
+
+def identity(space: Space) -> dict[str, Any]:
+    """What a study searches, as dotted keys: the resolved base config (less where it runs), each
+    parameter of the space, the metrics and their directions. A different identity is a different study."""
+    doc = {k: v for k, v in _flat(space.config({}).to_dict(), "base").items() if not k.startswith(PLACE_KEYS)}
+    for p in space.params:
+        doc |= _flat({k: v for k, v in dataclasses.asdict(p).items() if k != "key"}, f"space.{p.key}")
+    doc |= {"study.metric": space.study.metrics, "study.direction": space.study.directions}
+    return json.loads(json.dumps(doc))  # as the storage gives it back
+
+
+def _recorded_identity(study: optuna.Study, space: Space, mine: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity of a study from before identities were stored, as far as its trials tell: the base
+    config a trial recorded (searched keys aside), with this run's space, metrics and directions."""
+    trial = next((t for t in study.get_trials(deepcopy=False) if "config" in t.user_attrs), None)
+    if trial is None:
+        return None
+    searched = tuple(f"base.{p.key}" for p in space.params)
+    base = {k: v for k, v in _flat(trial.user_attrs["config"], "base").items()
+            if not k.startswith(PLACE_KEYS + searched)}
+    return base | {k: v for k, v in mine.items() if not k.startswith("base.") or k.startswith(searched)}
+
+
+def _check_identity(space: Space, stored: dict[str, Any], mine: dict[str, Any]) -> None:
+    for key in sorted(stored.keys() | mine.keys()):
+        if stored.get(key) != mine.get(key):
+            raise StudyMismatchError(
+                f"{space.path}: study {space.study.name!r} was created with {key}={stored.get(key, 'unset')!r}, this "
+                f"run has {mine.get(key, 'unset')!r}: a different setup is a different study (--study-name NAME, "
+                f"or another study.name)")
+
+
+def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path) -> optuna.Study:
+    """Create the study once (or load it), recording what export and report need to know about it:
+    among others where its artifacts live (``study.artifacts``, else ``<root>/artifacts``).
+
+    Each backend then sets the study's sampler (with its worker's seed) and pruner.
+    """
+    study = optuna.create_study(study_name=space.study.name, storage=storage, directions=space.study.directions,
+                                load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != space.study.directions:
+        raise StudyMismatchError(f"{space.path}: 'study.direction': the stored study {space.study.name!r} has "
+                                 f"{[d.name.lower() for d in study.directions]}")
+    attrs, mine = study.user_attrs, identity(space)  # user_attrs reads the storage on each access
+    stored = attrs.get("identity") or _recorded_identity(study, space, mine)
+    if stored is not None:
+        _check_identity(space, stored, mine)
+    if "identity" not in attrs:  # first creation (or a study from before identities)
+        study.set_user_attr("identity", mine)
+    if attrs.get("space_file") is None:
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(space.study.metrics)  # optuna-dashboard shows these names
+        study.set_user_attr("metrics", space.study.metrics)
+        study.set_user_attr("final", space.final)
+        study.set_user_attr("artifacts", artifact_location(space.study.artifacts, root))
+        study.set_user_attr("space_file", str(space.path))
+    return study
+
+
+def load_study(study_name: str, storage_url: str) -> optuna.Study:
+    """An existing study; ValueError (one line) if the database or the study is missing."""
+    if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).exists():
+        raise ValueError(f"storage {storage_url}: no such database file")
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    except KeyError:
+        raise ValueError(f"storage {storage_url}: no study named {study_name!r}") from None
+
+
+def is_full(trial: FrozenTrial) -> bool:
+    """The trial completed all its configured epochs (not pruned, not stopped by a scheduler)."""
+    config = trial.user_attrs.get("config")
+    return (
+        trial.state == TrialState.COMPLETE
+        and config is not None
+        and trial.user_attrs.get("epochs_run") == config["optim"]["epochs"]
+        and not trial.user_attrs.get("truncated", False)
+    )
+
+
+def dominates(a: FrozenTrial, b: FrozenTrial, directions: list) -> bool:
+    """``a`` is at least as good as ``b`` in every objective and better in one."""
+    signs = [1 if d == optuna.study.StudyDirection.MAXIMIZE else -1 for d in directions]
+    pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values)]
+    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+
+
+def select(study: optuna.Study, top_k: int = 1, pareto: bool = False) -> list[FrozenTrial]:
+    """Full trials, best first: top-k for one objective, the Pareto front for several."""
+    full = [t for t in study.get_trials(deepcopy=False) if is_full(t)]
+    if not full:
+        raise ValueError(f"study {study.study_name!r} has no trial that completed all its epochs")
+    if len(study.directions) > 1 or pareto:
+        if len(study.directions) == 1:
+            raise ValueError("--pareto needs a multi-objective study")
+        front = [t for t in full if not any(dominates(o, t, study.directions) for o in full)]
+        return sorted(front, key=lambda t: t.number)
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    return sorted(full, key=lambda t: -sign * t.value)[:top_k]

@@ -1,0 +1,187 @@
+"""One trial, run the same way by the Optuna loop and the Ray trainable.
+
+A trial trains in its own directory, ``<study dir>/trials/<number>/``: ``config.yaml`` (the resolved
+trainer config), ``last.pt`` (the resume state with every RNG state, written atomically after each
+epoch) and ``model.pt`` (the model without heads). A completed trial keeps ``config.yaml`` and
+``model.pt`` (also uploaded as Optuna artifacts); a pruned or failed one keeps only ``config.yaml``
+(and ``error.txt`` with the traceback). A trial interrupted (Ctrl-C) or killed keeps ``last.pt``: its
+retry, a new trial with the same params, moves that file into its own directory and continues from
+the last finished epoch, so its per-epoch history equals an unbroken run's.
+
+Any error of the trial (a sampled config the model rejects, out of memory, a data error, divergence)
+fails the trial with a one-line ``fail_reason``, never the worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+from optuna.artifacts import upload_artifact
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from search.budget import retry_history
+from search.progress import EpochProgress
+from search.space import Space
+from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_history
+from trainer.config import ConfigError
+from trainer.fit import EpochReport, fit
+
+CONFIG_FILE = "config.yaml"
+
+
+def metric(name: str, report: EpochReport, train_time: float) -> float:
+    """One study metric after an epoch; ``train_time`` is the seconds spent training so far."""
+    if name == "spike_rate":
+        rates = report.firing_rates.values()
+        return statistics.mean(rates) if rates else 0.0
+    if name == "train_time":
+        return train_time
+    return report.metrics[name]
+
+
+class TrialRecord:
+    """What a trial keeps after each epoch; ``attrs`` become the trial's user attrs: ``config`` (the
+    resolved trainer config), ``history``
+    (per-epoch metrics), ``grad_stats`` (first and last epoch), ``firing_rates`` (last epoch),
+    ``epochs_run``, and ``starts`` (the epoch each run of this trial started from: [0, 5] means it was
+    resumed after epoch 5)."""
+
+    def __init__(self, metrics: list[str]) -> None:
+        self.metrics = metrics
+        self.values = [math.nan] * len(metrics)
+        self.history: list[dict[str, float]] = []
+        self.grads: dict[str, dict] = {}
+        self.starts: list[int] = []
+        self.attrs: dict[str, object] = {}
+
+    def update(self, report: EpochReport) -> list[float]:
+        train_time = sum(h["epoch_time"] for h in self.history) + report.metrics["epoch_time"]
+        self.values = [metric(m, report, train_time) for m in self.metrics]
+        self.history.append({**report.metrics, "spike_rate": metric("spike_rate", report, train_time)})
+        self.grads.setdefault("first", report.grad_stats)
+        self.grads["last"] = report.grad_stats
+        self.attrs.update(history=self.history, epochs_run=report.epoch + 1, starts=self.starts,
+                          firing_rates=report.firing_rates, grad_stats=self.grads)
+        return self.values
+
+
+@dataclass
+class Outcome:
+    state: TrialState  # COMPLETE, PRUNED or FAIL
+    values: list[float]
+    attrs: dict[str, object] = field(default_factory=dict)
+    fail_reason: str | None = None
+
+
+# Called after each epoch with the record so far, the epoch's report and whether that epoch was
+# restored from an earlier attempt; the Optuna hook may raise optuna.TrialPruned.
+Hook = Callable[[TrialRecord, EpochReport, bool], None]
+
+
+def trial_dir(root: Path, number: int) -> Path:
+    return root / "trials" / str(number)
+
+
+def directories(root: Path, trial: FrozenTrial) -> tuple[Path, list[Path]]:
+    """This trial's directory and those of its earlier attempts, newest first."""
+    return trial_dir(root, trial.number), [trial_dir(root, n) for n in reversed(retry_history(trial))]
+
+
+def _adopt(directory: Path, earlier: list[Path]) -> None:
+    """Move the newest resume state of an earlier attempt here; drop their other checkpoints."""
+    for old in earlier:
+        state = old / STATE_FILE
+        if state.exists() and not (directory / STATE_FILE).exists():
+            state.replace(directory / STATE_FILE)
+        (old / MODEL_FILE).unlink(missing_ok=True)
+
+
+def drop_checkpoints(directory: Path) -> None:
+    for name in (STATE_FILE, MODEL_FILE):
+        (directory / name).unlink(missing_ok=True)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+
+
+def run_trial(space: Space, number: int, values: dict, directory: Path, earlier: list[Path], hook: Hook,
+              progress: EpochProgress, starts: list[int] = (), keep_own: bool = False) -> Outcome:
+    """Train trial ``number`` of ``space`` with the sampled ``values`` in ``directory``, resuming from an
+    earlier attempt's ``last.pt`` (``starts``: where earlier runs started), or from its own with
+    ``keep_own`` (a Ray restore put it there); other files already there are from another study of
+    the same name and are dropped. Only KeyboardInterrupt (and SystemExit) propagate; the
+    checkpoint stays for the retry."""
+    metrics = space.study.metrics
+    record = TrialRecord(metrics)
+    record.starts.extend(starts)
+    try:
+        cfg = space.config(values)
+    except ConfigError as err:
+        return Outcome(TrialState.FAIL, record.values, fail_reason=str(err))
+    record.attrs["config"] = cfg.to_dict()
+    directory.mkdir(parents=True, exist_ok=True)
+    if not keep_own:
+        drop_checkpoints(directory)
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def on_epoch(report: EpochReport) -> None:
+        record.update(report)
+        progress.epoch(report)
+        hook(record, report, False)
+
+    try:
+        _adopt(directory, earlier)
+        restored = [EpochReport(**r) for r in load_history(directory)]  # an unreadable last.pt fails the trial
+        record.starts.append(len(restored))
+        for report in restored:
+            record.update(report)
+            hook(record, report, True)
+        progress.start(number, cfg.optim.epochs, len(restored))
+        fit(cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": str(directory), "resume": True})}),
+            on_epoch, test=False)
+    except optuna.TrialPruned:
+        drop_checkpoints(directory)
+        return Outcome(TrialState.PRUNED, record.values, record.attrs)
+    except Exception as err:  # noqa: BLE001 - any error fails this trial, not the worker
+        (directory / "error.txt").write_text(traceback.format_exc())
+        drop_checkpoints(directory)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after an out-of-memory error, leave the next trial the memory
+        return Outcome(TrialState.FAIL, record.values, record.attrs, _one_line(err))
+    finally:
+        progress.close()
+    (directory / STATE_FILE).unlink(missing_ok=True)
+    if any(math.isnan(v) for v in record.values):
+        return Outcome(TrialState.FAIL, record.values, record.attrs, f"a metric is NaN: {record.values}")
+    return Outcome(TrialState.COMPLETE, record.values, record.attrs)
+
+
+def keep_artifacts(store: ArtifactStore, trial: optuna.Trial, directory: Path) -> None:
+    """Register a completed trial's ``model.pt`` and ``config.yaml`` as Optuna artifacts (the dashboard
+    lists them with ``--artifact-dir``; export copies the best model from there)."""
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if (directory / name).exists():
+            upload_artifact(artifact_store=store, file_path=str(directory / name), study_or_trial=trial)
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a WAITING copy of an interrupted trial (Optuna's retry callback, without a retry limit)."""
+    trial = copy.copy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the copy's own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)

@@ -1,0 +1,76 @@
+"""Many local workers on one study: ``search/run.py --workers N [--devices cuda:0,cuda:1 | auto]``.
+
+Each worker is a ``search/run.py`` process of its own (its own sampler seed stream, heartbeat and trial
+directory), pinned to one device through ``run.device``. The children run in their own process
+groups, so Ctrl-C reaches only this parent, which passes exactly one SIGINT to each: every worker
+queues its running trial again (it resumes from its last epoch on the next run) and exits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = Path(__file__).resolve().with_name("run.py")
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def devices(spec: str | None, workers: int | None) -> list[str]:
+    """One device per worker: ``auto`` is every visible GPU (else the CPU); a list is used round-robin."""
+    if spec == "auto":
+        import torch
+
+        names = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    elif spec:
+        names = [d.strip() for d in spec.split(",")]
+        bad = [d for d in names if not DEVICE.match(d)]
+        if bad:
+            raise ValueError(f"--devices: {bad[0]!r} is not a device (allowed: auto, cpu, cuda, cuda:N, comma-separated)")
+    else:
+        names = ["auto"]
+    count = workers or (len(names) if spec else 1)
+    return [names[i % len(names)] for i in range(count)]
+
+
+def child_args(argv: list[str]) -> list[str]:
+    """``argv`` without ``--workers`` and ``--devices`` (each child is one worker)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--workers", "--devices"):
+            skip = True
+        elif not arg.startswith(("--workers=", "--devices=")):
+            out.append(arg)
+    return out
+
+
+def launch(argv: list[str], devices: list[str]) -> int:
+    """Run one worker per entry of ``devices`` until all end; the worst exit code (130 after Ctrl-C)."""
+    cpu_workers = sum(d in ("cpu", "auto") for d in devices) or 1
+    threads = str(max(1, (os.cpu_count() or 1) // cpu_workers))  # no oversubscribed cores
+    procs = [
+        subprocess.Popen([sys.executable, str(RUN), *child_args(argv), "--worker-index", str(i),
+                          "--set", f"run.device={device}"],
+                         env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
+        for i, device in enumerate(devices)
+    ]
+    print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
+          f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
+    try:
+        return max(p.wait() for p in procs)
+    except KeyboardInterrupt:
+        print("Ctrl-C: stopping the workers; their running trials are queued again", flush=True)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return 130
