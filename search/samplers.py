@@ -24,6 +24,12 @@ def startup_trials(n_trials: int) -> int:
     return min(10, max(3, n_trials // 4))
 
 
+def population(n_trials: int) -> int:
+    """NSGA-II's generation size: a third of the budget (three generations), 4 to Optuna's default 50.
+    A population of 50 in a 10-trial study would never leave the random first generation."""
+    return min(50, max(4, n_trials // 3))
+
+
 def worker_seed(seed: int | None, worker: int) -> int | None:
     """Worker ``worker``'s sampler seed: an independent stream derived from ``study.seed``."""
     return None if seed is None else int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
@@ -63,7 +69,8 @@ SAMPLERS: dict[str, Callable[[Space, int | None], BaseSampler]] = {
     "gp": lambda space, seed: optuna.samplers.GPSampler(seed=seed),
     "cmaes": lambda space, seed: optuna.samplers.CmaEsSampler(seed=seed),
     "random": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),
-    "nsga2": lambda space, seed: optuna.samplers.NSGAIISampler(seed=seed),
+    "nsga2": lambda space, seed: optuna.samplers.NSGAIISampler(
+        seed=seed, population_size=population(space.study.n_trials)),
     "grid": lambda space, seed: Grid(grid(space.params), seed=seed),
 }
 

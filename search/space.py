@@ -5,7 +5,8 @@ A space file has four sections (see README "Space files"):
     study:  name, direction(s), metric(s), sampler, pruner, min_epochs, n_trials, timeout, seed, storage,
             heartbeat, max_retry, artifacts
     base:   a full trainer config (same format as ``python -m trainer --config``)
-    final:  dotted overrides applied when the best config is retrained at full length
+    final:  dotted overrides applied when the best config is retrained at full length (``optim.epochs``:
+            the base's own unless given; ``--base FILE`` swaps in a trainer config as the base)
     space:  parameters keyed by dotted config path, e.g. ``lambda.start: {type: float, low: 0.1, high: 1}``
 
 Parameter types: ``float``/``int`` (inclusive ``low``/``high``, optional ``log`` or ``step``),
@@ -16,6 +17,7 @@ Every problem is a ``SpaceError`` whose one-line message names the file, the key
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,9 @@ import optuna
 from search.samplers import PRUNERS, SAMPLERS, grid
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
 
-METRICS = {"val_acc": "maximize", "val_loss": "minimize", "spike_rate": "minimize", "train_time": "minimize"}
+# energy: µJ per sample from synaptic operations (trainer/energy.py); sops: synaptic operations per sample
+METRICS = {"val_acc": "maximize", "val_loss": "minimize", "energy": "minimize", "sops": "minimize",
+           "spike_rate": "minimize", "train_time": "minimize"}
 TYPES = ("float", "int", "categorical", "subset")
 STUDY_KEYS = ("name", "direction", "metric", "sampler", "pruner", "min_epochs", "n_trials", "timeout", "seed",
               "storage", "heartbeat", "max_retry", "artifacts")
@@ -187,8 +191,34 @@ def _parse_param(path: Path, key: str, spec: Any, earlier: dict[str, Param]) -> 
     return param
 
 
-def load_space(path: str | Path, overrides: list[str] = ()) -> Space:
-    """Read and validate a space file; ``overrides`` (``key=value``) apply to ``base``."""
+def _base(path: Path, raw: dict[str, Any], base: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trial config's base and the ``final`` overrides. ``base`` (a trainer config file) replaces the
+    space's own, and with it the space's ``final.optim.epochs``, which was chosen for its own base: the
+    final retraining runs the base's full length (``optim.epochs`` as written, before ``--set``) unless the
+    space says otherwise."""
+    data, final = raw.get("base") or {}, raw.get("final") or {}
+    if not isinstance(final, dict):
+        raise _err(path, "final", "must map dotted config keys to values")
+    if base is not None:
+        try:
+            data = read_yaml(base)
+        except ConfigError as err:
+            raise SpaceError(f"--base: {err}") from None
+        if not isinstance(data, dict):
+            raise SpaceError(f"--base: {base}: expected a trainer config mapping")
+        final = {k: v for k, v in final.items() if k != "optim.epochs"}
+    elif not isinstance(data, dict):
+        raise _err(path, "base", "must be a trainer config mapping")
+    try:
+        full = build(copy.deepcopy(data), str(base) if base else f"{path}: base").optim.epochs
+    except ConfigError as err:
+        raise SpaceError(str(err)) from None
+    return data, {"optim.epochs": full, **final}
+
+
+def load_space(path: str | Path, overrides: list[str] = (), base: str | Path | None = None) -> Space:
+    """Read and validate a space file; ``base`` (a trainer config file) replaces its ``base`` section;
+    ``overrides`` (``key=value``) apply to the base of the trials."""
     path = Path(path)
     try:
         raw = read_yaml(path)
@@ -200,12 +230,7 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> Space:
         if key not in ("study", "base", "final", "space"):
             raise _err(path, key, "unknown section (allowed: study, base, final, space)")
     study = _parse_study(path, raw.get("study"))
-    base = raw.get("base") or {}
-    if not isinstance(base, dict):
-        raise _err(path, "base", "must be a trainer config mapping")
-    final = raw.get("final") or {}
-    if not isinstance(final, dict):
-        raise _err(path, "final", "must map dotted config keys to values")
+    base, final = _base(path, raw, Path(base) if base is not None else None)
     params: dict[str, Param] = {}
     for key, spec in (raw.get("space") or {}).items():
         params[key] = _parse_param(path, key, spec, params)

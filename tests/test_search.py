@@ -24,6 +24,8 @@ from search.samplers import make_pruner, make_sampler
 from search.study import dominates, select
 from search.space import load_space
 from trainer.config import load
+from trainer.data import load_data
+from trainer.fit import evaluate
 
 from conftest import ROOT
 
@@ -52,7 +54,7 @@ def trials(url, name="tiny"):
     return optuna.load_study(study_name=name, storage=url).get_trials()
 
 
-def test_run_resume_export_retrain(tmp_path, capsys):
+def test_run_resume_export_retrain(tmp_path, capsys, monkeypatch):
     url = f"sqlite:///{tmp_path}/tiny.db"
     space = space_file(tmp_path)
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "2"]) == 0
@@ -91,9 +93,19 @@ def test_run_resume_export_retrain(tmp_path, capsys):
     assert cfg.lambda_.start == pytest.approx(best.params["lambda.start"])
 
     out_dir = tmp_path / "retrained"
-    assert retrain_cli.main([str(best_file), "--out", str(out_dir)]) == 0
+    read = []
+    monkeypatch.setattr("trainer.fit.evaluate", lambda model, batches, *a, **k: (read.append(batches),
+                                                                                 evaluate(model, batches, *a, **k))[1])
+    monkeypatch.setattr("trainer.fit.load_data", lambda *a, **k: bundles.append(load_data(*a, **k)) or bundles[-1])
+    bundles = []
+    assert retrain_cli.main([str(best_file), "--out", str(out_dir), "--set", "data.limit=null"]) == 0
+    assert "for 3 epochs on digits train + validation" in capsys.readouterr().out
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == 3 and 0 <= metrics["test_acc"] <= 1
+    assert metrics["epochs"] == 3 and 0 <= metrics["test_acc"] <= 1 and metrics["test_energy"] > 0
+    assert "val_acc" not in metrics
+    data = bundles[0]
+    assert data.val is None and len(data.train.x) == 1150 + 288  # digits' train and validation splits
+    assert read == [data.test]  # the test set, once, and nothing else evaluated
     blob = torch.load(out_dir / "model.pt", weights_only=True)
     assert not any(k.startswith("heads") for k in blob["state_dict"])
 
@@ -123,10 +135,10 @@ def test_diverging_trial_fails_with_reason_and_study_goes_on(tmp_path):
 
 def test_multi_objective_pareto_export(tmp_path):
     url = f"sqlite:///{tmp_path}/tiny.db"
-    space = space_file(tmp_path, study=", metric: [val_acc, spike_rate], sampler: nsga2, pruner: none")
+    space = space_file(tmp_path, study=", metric: [val_acc, energy], sampler: nsga2, pruner: none")
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
     done = trials(url)
-    assert all(len(t.values) == 2 and 0 <= t.values[1] <= 1 for t in done)
+    assert all(len(t.values) == 2 and t.values[1] == t.user_attrs["history"][-1]["energy"] > 0 for t in done)
     assert export_cli.main(["--study", "tiny", "--storage", url, "--pareto", "--out", str(tmp_path)]) == 0
     front = {int(p.stem.split("_")[1]) for p in tmp_path.glob("trial_*.yaml")}
     study = optuna.load_study(study_name="tiny", storage=url)
@@ -199,6 +211,15 @@ def test_tpe_start_up_scales_with_the_budget(tmp_path):
         space.study.n_trials = n
         counts[n] = make_sampler(space)._n_startup_trials
     assert counts == {4: 3, 12: 3, 40: 10, 200: 10}
+
+
+def test_nsga2_population_fits_the_budget(tmp_path):
+    space = load_space(space_file(tmp_path, study=", metric: [val_acc, energy], sampler: nsga2, pruner: none"))
+    sizes = {}
+    for n in (4, 10, 30, 500):
+        space.study.n_trials = n
+        sizes[n] = make_sampler(space)._population_size
+    assert sizes == {4: 4, 10: 4, 30: 10, 500: 50}  # at least three generations up to Optuna's 50
 
 
 def test_dashboard_and_optuna_cli_read_the_study(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from trainer.checkpoint import load_state, save_model, save_state
 from trainer.config import Config
 from trainer.data import Batches, encode, load_data
 from trainer.diagnostics import FiringRates, GradStats
+from trainer.energy import SynapticOps
 from trainer.heads import ShortcutNet
 from trainer.models import build_backbone, make_neuron
 from trainer.schedule import balance, shortcut_loss
@@ -47,10 +48,11 @@ class FitResult:
 
     @property
     def best_val_acc(self) -> float:
-        return max((r.metrics["val_acc"] for r in self.history), default=float("nan"))
+        return max((r.metrics["val_acc"] for r in self.history if "val_acc" in r.metrics), default=float("nan"))
 
 
 Callback = Callable[[EpochReport], bool | None]
+Monitor = AbstractContextManager  # attaches hooks to a model while entered
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,14 +75,16 @@ def _autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Batches, cfg: Config, device: torch.device, rates: FiringRates | None = None
+    model: nn.Module, batches: Batches, cfg: Config, device: torch.device, monitors: Sequence[Monitor] = ()
 ) -> dict[str, float]:
-    """Loss and accuracy of the main output; firing rates are collected into ``rates`` if given."""
+    """Loss and accuracy of the main output; ``monitors`` (firing rates, synaptic ops) watch the passes."""
     model.eval()
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     n = 0
-    with rates or nullcontext(), _autocast(device, cfg.optim.amp):
+    with ExitStack() as stack, _autocast(device, cfg.optim.amp):
+        for monitor in monitors:
+            stack.enter_context(monitor)
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(encode(x, cfg.data.timesteps, cfg.data.encoding)).float()
@@ -167,15 +171,15 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
             raise DivergedError(f"training loss is {train_loss} at epoch {epoch}")
         train_time = time.perf_counter() - t0
 
-        rates = FiringRates(backbone)
-        val = evaluate(backbone, data.val, cfg, device, rates)
-        metrics = {
-            "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val["loss"],
-            "val_acc": val["acc"], "lambda": lam, "lr": lr, "epoch_time": train_time,
-        }
+        metrics = {"train_loss": train_loss, "train_acc": correct.item() / n}
+        rates, ops = FiringRates(backbone), SynapticOps(backbone)
+        if data.val is not None:  # none when retraining on train + val
+            val = evaluate(backbone, data.val, cfg, device, (rates, ops))
+            metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], **ops.summary()}
+        metrics |= {"lambda": lam, "lr": lr, "epoch_time": train_time}
         report = EpochReport(epoch, metrics, grads.summary() if grads else {}, rates.summary())
         history.append(report)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['acc']:.3f}", lam=f"{lam:.2f}")
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{metrics.get('val_acc', math.nan):.3f}", lam=f"{lam:.2f}")
         if out_dir:
             save_model(out_dir, cfg, backbone, data.num_classes, data.in_channels, metrics)
             save_state(out_dir, net, optimizer, scheduler, epoch, [asdict(r) for r in history])
@@ -185,8 +189,10 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
 
     scores = {}
     if test:
-        result = evaluate(backbone, data.test, cfg, device)
+        ops = SynapticOps(backbone)
+        result = evaluate(backbone, data.test, cfg, device, (ops,))
         scores = {"test_loss": result["loss"], "test_acc": result["acc"]}
+        scores |= {f"test_{k}": v for k, v in ops.summary().items()}
     model_path = None
     if out_dir:
         last = history[-1].metrics if history else {}
