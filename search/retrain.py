@@ -1,8 +1,11 @@
-"""Retrain an exported config at full length: ``python search/retrain.py studies/<name>/best.yaml``.
+"""Retrain an exported config into the final model: ``python search/retrain.py studies/<name>/best.yaml``.
 
-Applies the study's ``final`` overrides (from the file's provenance), then any ``--set``; saves the
-stripped inference model (``model.pt``) and ``metrics.json`` (final and test metrics) in ``--out``
-(default: ``retrain/`` next to the config file).
+Applies the study's ``final`` overrides (from the file's provenance: the base's full ``optim.epochs``
+unless the space said otherwise), then any ``--set``. Trains on training + validation data (the
+validation split ranked the trials; the final model does not need it) and evaluates the official test
+set once, at the end: the only place the test split is read. Saves the stripped inference model
+(``model.pt``) and ``metrics.json`` (last epoch, test accuracy, synaptic operations and energy per test
+sample) in ``--out`` (default: ``retrain/`` next to the config file).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def final_config(path: Path, overrides: list[str], out_dir: Path):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a trainer config mapping")
     data = with_values(data, (data.get("provenance") or {}).get("final") or {})
+    set_dotted(data, "data.val_fraction", 0)  # train + validation
     for item in overrides:
         set_dotted(data, *parse_override(item))
     set_dotted(data, "run.out_dir", str(out_dir))
@@ -42,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or args.config.parent / "retrain"
     try:
         cfg = final_config(args.config, args.overrides, out_dir)
-        print(f"retraining {args.config} for {cfg.optim.epochs} epochs -> {out_dir}", flush=True)
+        data = "train + validation" if cfg.data.val_fraction == 0 else f"train ({cfg.data.val_fraction:g} held out)"
+        print(f"retraining {args.config} for {cfg.optim.epochs} epochs on {cfg.data.name} {data}; the test set "
+              f"is evaluated once, at the end -> {out_dir}", flush=True)
         result = fit(cfg, progress=True)
     except (ConfigError, UnknownExitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = {**result.history[-1].metrics, **result.test, "best_val_acc": result.best_val_acc,
-               "epochs": len(result.history), "model": str(result.model_path)}
+    metrics = {**result.history[-1].metrics, **result.test, "epochs": len(result.history),
+               "model": str(result.model_path)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics))
     return 0

@@ -15,8 +15,17 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
 
 import argparse  # noqa: E402
 
-from search.space import SpaceError, load_space  # noqa: E402
+from search.space import Space, SpaceError, load_space  # noqa: E402
 from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir  # noqa: E402
+
+
+def lengths(space: Space) -> str:
+    """What a trial and the final retraining will train, said before anything runs."""
+    cfg, s = space.config({}), space.study
+    pruned = "" if s.pruner == "none" else f", pruned no earlier than epoch {space.min_epochs()}"
+    return (f"trials: {cfg.optim.epochs} epochs each on {cfg.data.name} ({cfg.model.arch}, T={cfg.data.timesteps})"
+            f"{pruned}; final retraining (search/retrain.py): {space.final['optim.epochs']} epochs on train + "
+            f"validation")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "base config or space must be a different study")
     parser.add_argument("--n-trials", type=int, help="study-wide number of finished trials (default: study.n_trials)")
     parser.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    parser.add_argument("--base", type=Path, help="a trainer config (e.g. configs/cifar10_resnet19.yaml) that "
+                        "replaces the space's base; the final retraining then runs its full optim.epochs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the base trainer config, e.g. --set data.name=cifar10 (repeatable)")
     parser.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
@@ -51,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        space = load_space(args.space, args.overrides)
+        space = load_space(args.space, args.overrides, args.base)
         if args.study_name is not None:
             if not args.study_name.replace("-", "_").isidentifier():
                 raise SpaceError(f"--study-name: {args.study_name!r}: letters, digits, '_' or '-'")
@@ -83,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.worker_index is None:
             print(f"storage: {url}", flush=True)
+            print(lengths(space), flush=True)
         if len(worker_devices) > 1:
             from search.workers import launch
 

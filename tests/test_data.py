@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.config import DataConfig
+from trainer.config import ConfigError, DataConfig, build
 from trainer.data import encode, load_data, split_indices
 
 CPU = torch.device("cpu")
@@ -104,6 +104,16 @@ def test_cifar_reads_python_pickles(tmp_path, monkeypatch, name):
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert sum(len(b[1]) for b in data.train) == 40 and sum(len(b[1]) for b in data.val) == 10
     assert data.num_classes == (10 if name == "cifar10" else 100) and data.in_channels == 3
+    # the final retraining: no validation split, all 50 training images; cutout zeroes a 16x16 square
+    data = load_data(DataConfig(name=name, root=str(tmp_path), batch_size=50, val_fraction=0, cutout=16), CPU)
+    x, _ = next(iter(data.train))
+    assert data.val is None and len(x) == 50
+    assert ((x == 0).all(1).flatten(1).sum(1) >= 16 * 16).all()  # crop padding alone zeroes at most 240
+
+
+def test_cutout_is_for_cifar():
+    with pytest.raises(ConfigError, match="'data.cutout': cutout is for cifar10 and cifar100"):
+        build({"data": {"name": "mnist", "cutout": 8}})
 
 
 def test_imagenet_reads_prepared_folders(tmp_path):

@@ -110,7 +110,7 @@ def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_pat
 
 def test_ctrl_c_queues_the_running_trials_of_every_worker_again(tmp_path):
     url = f"sqlite:///{tmp_path}/d.db"
-    space = space_file(tmp_path, epochs=4, data=", limit: 256")
+    space = space_file(tmp_path, epochs=8, data=", limit: 256")  # epochs enough that both still run at the signal
     parent = subprocess.Popen(command(space, url, 3, "--workers", "2"), cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -5,6 +5,7 @@ import optuna
 import pytest
 
 from search.space import SpaceError, grid, load_space, suggest
+from trainer.config import load as load_config
 
 from conftest import ROOT
 
@@ -74,7 +75,7 @@ space:
         ("study: {name: a, pruner: asha}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
          "'study.pruner': got 'asha' (allowed: median, hyperband, successive_halving, none)"),
         ("study: {name: a, metric: accuracy}\nspace: {lambda.start: {type: float, low: 0, high: 1}}",
-         "unknown metric 'accuracy' (allowed: val_acc, val_loss, spike_rate, train_time)"),
+         "unknown metric 'accuracy' (allowed: val_acc, val_loss, energy, sops, spike_rate, train_time)"),
         ("study: {name: a}\nspace: {lambda.start: {type: float, low: 1, high: 0}}",
          "'space.lambda.start': needs low <= high"),
         ("study: {name: a}\nspace: {lambda.start: {type: uniform}}",
@@ -122,6 +123,7 @@ def test_cli_bad_space_exits_2_and_creates_no_study(tmp_path):
 
 
 SHIPPED = sorted((ROOT / "spaces").glob("*.yaml"))
+RECIPES = sorted(set((ROOT / "configs").glob("*.yaml")) - {ROOT / "configs" / "digits.yaml"})
 
 
 def test_ships_the_documented_spaces():
@@ -129,11 +131,46 @@ def test_ships_the_documented_spaces():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-def test_shipped_space_switches_to_paper_scale_by_override(path):
-    space = load_space(path, ["data.name=cifar10", "data.download=true", "model.arch=resnet19",
-                              "data.batch_size=128", "optim.epochs=300"])
-    cfg = space.config({})
-    assert cfg.data.name == "cifar10" and cfg.model.arch == "resnet19" and cfg.optim.epochs == 300
+def test_shipped_space_takes_each_recipe_as_its_base(path):
+    """--base swaps in a recipe: trials and the final model run its full length (unless --set shortens the
+    trials); a space whose head exits the recipe's net lacks says so in one line."""
+    for recipe in RECIPES:
+        want = load_config(recipe)
+        try:
+            space = load_space(path, [], recipe)
+        except SpaceError as err:
+            assert want.model.arch == "resnet18" and "unknown block exit 'layer1.2' for resnet18" in str(err)
+            continue
+        cfg = space.config({})
+        assert (cfg.data.name, cfg.model.arch, cfg.optim.lr) == (want.data.name, want.model.arch, want.optim.lr)
+        assert cfg.optim.epochs == space.final["optim.epochs"] == want.optim.epochs
+        short = load_space(path, ["optim.epochs=10"], recipe)
+        assert short.config({}).optim.epochs == 10 and short.final["optim.epochs"] == want.optim.epochs
+    own = load_space(path)  # without --base the space's own final length holds
+    assert own.final["optim.epochs"] == 30 and own.config({}).optim.epochs < 30
+
+
+def test_paper_scale_command_needs_its_own_study(tmp_path, capsys):
+    """The README's path from the digits default to paper scale: the same study name is refused with one
+    line; a new one starts and says the recipe's epochs before anything trains."""
+    from search import run as run_cli
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    space = ROOT / "spaces" / "lambda_decay.yaml"
+    digits = ["--space", str(space), "--storage", url, "--study-dir", str(tmp_path / "d")]
+    assert run_cli.main([*digits, "--n-trials", "1", "--set", "data.limit=32", "--set", "optim.epochs=1"]) == 0
+    capsys.readouterr()
+    paper = [*digits, "--base", str(ROOT / "configs" / "cifar10_resnet19.yaml"), "--n-trials", "1",
+             "--set", f"data.root={tmp_path}"]
+    assert run_cli.main(paper) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "study 'lambda_decay' was created with base." in err and "--study-name" in err
+    assert run_cli.main([*paper, "--study-name", "lambda_decay_cifar10"]) == 0
+    out = capsys.readouterr().out
+    assert ("trials: 300 epochs each on cifar10 (resnet19, T=4), pruned no earlier than epoch 100; final "
+            "retraining (search/retrain.py): 300 epochs on train + validation") in out
+    trial = optuna.load_study(study_name="lambda_decay_cifar10", storage=url).trials[0]
+    assert "data.download=true" in trial.user_attrs["fail_reason"]  # CIFAR-10 is not on this disk
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

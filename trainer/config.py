@@ -33,8 +33,9 @@ class DataConfig(Section):
     encoding: Literal["direct", "poisson"] = "direct"
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)  # 0: train on all of it (final retraining)
     image_size: int = Field(224, ge=8)
+    cutout: int = Field(0, ge=0)  # side of a zeroed square per training image (CIFAR); 0: off
     limit: int | None = Field(None, ge=1)
 
 
@@ -131,6 +132,9 @@ def build(data: dict[str, Any], source: str = "config") -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_one_line(err, source)) from None
+    if cfg.data.cutout and cfg.data.name not in ("cifar10", "cifar100"):
+        raise ConfigError(f"{source}: bad value for 'data.cutout': cutout is for cifar10 and cifar100 "
+                          f"(got {cfg.data.cutout} with data.name={cfg.data.name})")
     from trainer.models import block_exits  # models imports this module
 
     allowed = block_exits(cfg.model.arch)

@@ -5,6 +5,7 @@
 - imagenet: torchvision's ImageNet (the archives must already be in ``root``; nothing downloads them).
 - cifar10dvs: tonic's CIFAR10-DVS events, binned into ``timesteps`` frames by ``tonic.transforms.ToFrame``.
 
+``val_fraction: 0`` gives no validation split: the final retraining trains on all the training data.
 Small sets (digits, MNIST) are held in memory as tensors on the training device; the rest stream
 through a DataLoader. Splits are fixed (generator seed 0) so every trial sees the same validation set;
 the training order depends on (run seed, epoch) only (``DataBundle.start_epoch``).
@@ -34,7 +35,7 @@ class Batches(Sized, Protocol):
 @dataclass
 class DataBundle:
     train: Batches
-    val: Batches
+    val: Batches | None  # None with val_fraction 0
     test: Batches
     num_classes: int
     in_channels: int
@@ -96,7 +97,7 @@ def _tensor_bundle(
     shuffle = torch.Generator()
     return DataBundle(
         train=TensorLoader(to(x_train[train_idx]), to(y_train[train_idx]), cfg.batch_size, shuffle),
-        val=TensorLoader(to(x_train[val_idx]), to(y_train[val_idx]), cfg.batch_size),
+        val=TensorLoader(to(x_train[val_idx]), to(y_train[val_idx]), cfg.batch_size) if len(val_idx) else None,
         test=TensorLoader(to(x_test[test_idx]), to(y_test[test_idx]), cfg.batch_size),
         num_classes=num_classes,
         in_channels=x_train.shape[1],
@@ -131,7 +132,9 @@ def _loader_bundle(
     generator, so ``start_epoch`` makes the order reproducible."""
     shuffle = torch.Generator()
 
-    def loader(ds: Dataset, idx: Tensor, train: bool) -> DataLoader:
+    def loader(ds: Dataset, idx: Tensor, train: bool) -> DataLoader | None:
+        if not len(idx):
+            return None
         return DataLoader(
             Subset(ds, _limit(idx, cfg.limit).tolist()),
             batch_size=cfg.batch_size,
@@ -160,8 +163,11 @@ def _cifar(cfg: DataConfig, seed: int) -> DataBundle:
     from torchvision import datasets, transforms as T
 
     cls, classes = (datasets.CIFAR10, 10) if cfg.name == "cifar10" else (datasets.CIFAR100, 100)
-    aug = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
-    plain = T.ToTensor()
+    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]
+    if cfg.cutout:  # Cutout (DeVries & Taylor 2017) as torchvision's erasing of a square kept inside the image
+        area = (min(cfg.cutout, 32) / 32) ** 2
+        aug.append(T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
+    aug, plain = T.Compose(aug), T.ToTensor()
     train_aug = cls(cfg.root, train=True, transform=aug, download=cfg.download)
     train_plain = cls(cfg.root, train=True, transform=plain)
     test = cls(cfg.root, train=False, transform=plain, download=cfg.download)
@@ -213,6 +219,16 @@ def _cifar10dvs(cfg: DataConfig, seed: int) -> DataBundle:
 
 
 def load_data(cfg: DataConfig, device: torch.device, seed: int = 0) -> DataBundle:
+    try:
+        return _load(cfg, device, seed)
+    except RuntimeError as err:  # torchvision's message names neither the folder nor our key
+        if "Dataset not found" not in str(err):
+            raise
+        raise FileNotFoundError(f"{cfg.name} not found under {cfg.root} (set data.download=true to fetch it, "
+                                f"or data.root to where it is)") from None
+
+
+def _load(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     if cfg.name == "digits":
         return _digits(cfg, device, seed)
     if cfg.name == "mnist":
