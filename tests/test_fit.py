@@ -156,3 +156,21 @@ def test_recipes_say_where_each_value_comes_from(path):
     own = re.compile(r"  (seed|name): (0|mnist|cifar10|cifar100|imagenet|cifar10dvs)$")  # the data set itself
     unmarked = [line for line in lines if not re.search(r"# (paper|group|ours)\b", line) and not own.match(line)]
     assert lines and not unmarked, unmarked
+
+
+def test_checkpoint_keeps_the_cuda_generator_of_the_training_device(monkeypatch):
+    """Poisson encoding draws from the GPU's generator: last.pt keeps that state and a resume sets it on the
+    training device (CUDA is stood in for here; CI has no GPU)."""
+    from trainer.checkpoint import restore_rng, rng_state
+
+    state_of = {1: torch.tensor([7, 8, 9], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: state_of[device.index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: state_of.__setitem__(device.index, state))
+    saved = rng_state(torch.device("cuda", 1))
+    assert torch.equal(saved["cuda_rng"], torch.tensor([7, 8, 9], dtype=torch.uint8))
+    state_of[1] = torch.tensor([0, 0, 0], dtype=torch.uint8)  # the generator moved on
+    torch.manual_seed(123)
+    restore_rng(saved, torch.device("cuda", 1))
+    assert torch.equal(state_of[1], saved["cuda_rng"]) and state_of[1].device.type == "cpu"
+    assert torch.equal(torch.get_rng_state(), saved["rng"])  # the CPU generator too
+    assert rng_state(torch.device("cpu"))["cuda_rng"] is None

@@ -80,3 +80,37 @@ def test_loop_backend_matches_fused_module():
     (gb,) = torch.autograd.grad(b.sum(), x)
     assert torch.equal(a, b)
     torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("backend", ["fused", "loop"])
+def test_bf16_inputs_keep_a_float32_membrane(backend):
+    """Under bf16 autocast the conv outputs feeding a LIF are bf16; its state stays float32, so spikes and
+    gradients are those of the float32 neuron on the same values, given back in bf16."""
+    torch.manual_seed(2)
+    x = torch.randn(16, 4, 32).bfloat16().requires_grad_()
+    x32 = x.detach().float().requires_grad_()
+    grad = torch.randn(16, 4, 32)
+    lif = LIF(backend=backend, surrogate="atan")
+    s, s32 = lif(x), lif(x32)
+    (g,) = torch.autograd.grad(s, x, grad.bfloat16())
+    (g32,) = torch.autograd.grad(s32, x32, grad.bfloat16().float())
+    assert s.dtype == g.dtype == torch.bfloat16
+    assert torch.equal(s.float(), s32) and torch.equal(g, g32.bfloat16())
+
+
+def test_sampled_thresholds_and_alphas_do_not_recompile(monkeypatch):
+    """A search samples a new threshold and alpha per trial; the compiled loops stay one graph each."""
+    import torch._dynamo.testing
+
+    import trainer.neuron as neuron
+
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = {}
+    monkeypatch.setattr(neuron, "_compiled", lambda fn: compiled.setdefault(
+        fn, torch.compile(fn, dynamic=True, backend=counter)))
+    torch._dynamo.reset()
+    for i in range(10):
+        x = torch.randn(4, 8, 16, requires_grad=True)
+        lif = LIF(decay=0.2 + 0.01 * i, threshold=0.3 + 0.05 * i, alpha=1 + 0.1 * i, compile=True)
+        lif(x).sum().backward()
+    assert counter.frame_count == 2  # the forward loop and the backward loop, once each

@@ -55,8 +55,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> SpikingR
     return model.to(device).eval()
 
 
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The generators training draws from: the CPU's (shuffles, initialisation) and, on a GPU, the
+    training device's (Poisson encoding draws its spikes there)."""
+    return {"rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Set the generators saved by ``rng_state``; ``torch.load(map_location=...)`` may have moved the
+    states to the GPU, and the setters take CPU byte tensors."""
+    torch.set_rng_state(state["rng"].cpu())
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
+
+
 def save_state(out_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict]) -> None:
+               scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict],
+               device: torch.device) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_save(
         {
@@ -65,7 +81,7 @@ def save_state(out_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "history": history,
-            "rng": torch.get_rng_state(),
+            **rng_state(device),
         },
         out_dir / STATE_FILE,
     )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from trainer.checkpoint import load_state, save_model, save_state
+from trainer.checkpoint import load_state, restore_rng, save_model, save_state
 from trainer.config import Config
 from trainer.data import Batches, encode, load_data
 from trainer.diagnostics import FiringRates, GradStats
@@ -135,7 +135,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"].cpu())  # map_location moved it to the training device
+        restore_rng(state, device)
         history = [EpochReport(**r) for r in state["history"]]
         start_epoch = state["epoch"] + 1
 
@@ -182,7 +182,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{metrics.get('val_acc', math.nan):.3f}", lam=f"{lam:.2f}")
         if out_dir:
             save_model(out_dir, cfg, backbone, data.num_classes, data.in_channels, metrics)
-            save_state(out_dir, net, optimizer, scheduler, epoch, [asdict(r) for r in history])
+            save_state(out_dir, net, optimizer, scheduler, epoch, [asdict(r) for r in history], device)
         if callback and callback(report):
             stopped = epoch < epochs - 1
             break

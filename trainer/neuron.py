@@ -55,6 +55,11 @@ class SpikeFn(torch.autograd.Function):
         return grad * surrogate_grad(x, ctx.kind, ctx.alpha), None, None
 
 
+def _state_dtype(x: Tensor) -> torch.dtype:
+    """Membrane potential and surrogate dtype: float32, or float64 for float64 inputs (the tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def lif_loop(
     x: Tensor,
     decay: float,
@@ -64,25 +69,26 @@ def lif_loop(
     surrogate: Surrogate,
     alpha: float,
 ) -> Tensor:
-    """Reference LIF: one autograd step per timestep."""
-    v = torch.zeros_like(x[0])
+    """Reference LIF: one autograd step per timestep (membrane in float32 at least, like the fused path)."""
+    v = torch.zeros_like(x[0], dtype=_state_dtype(x))
     spikes = []
     for t in range(x.shape[0]):
-        h = decay * v + x[t]
+        h = decay * v + x[t].to(v.dtype)
         s = SpikeFn.apply(h - threshold, surrogate, alpha)
         s_reset = s.detach() if detach_reset else s
         v = h * (1 - s_reset) if reset == "hard" else h - threshold * s_reset
         spikes.append(s)
-    return torch.stack(spikes)
+    return torch.stack(spikes).to(x.dtype)
 
 
 def _simulate(x: Tensor, decay: float, threshold: float, hard: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """Spikes and charges h per timestep, without autograd."""
-    v = torch.zeros_like(x[0])
+    """Spikes and charges h per timestep, without autograd, in float32 at least: under bf16 autocast a
+    bf16 membrane would lose the small charges that decide whether a neuron fires."""
+    v = torch.zeros_like(x[0], dtype=_state_dtype(x))
     spikes, charges = [], []
     for t in range(x.shape[0]):
-        h = decay * v + x[t]
-        s = (h >= threshold).to(x.dtype)
+        h = decay * v + x[t].to(v.dtype)
+        s = (h >= threshold).to(v.dtype)
         v = h * (1 - s) if hard else h - threshold * s
         spikes.append(s)
         charges.append(h)
@@ -90,7 +96,7 @@ def _simulate(x: Tensor, decay: float, threshold: float, hard: bool) -> tuple[li
 
 
 def _forward_loop(x: Tensor, decay: float, threshold: float, hard: bool) -> Tensor:
-    return torch.stack(_simulate(x, decay, threshold, hard)[0])
+    return torch.stack(_simulate(x, decay, threshold, hard)[0]).to(x.dtype)  # spikes are 0/1 in any dtype
 
 
 def _backward_loop(
@@ -113,14 +119,17 @@ def _backward_loop(
             dv_dh = 1 - spikes[t] if detach_reset else 1 - spikes[t] - h[t] * sg
         else:
             dv_dh = torch.ones_like(sg) if detach_reset else 1 - threshold * sg
-        grad_h = grad_s[t] * sg + grad_v * dv_dh
+        grad_h = grad_s[t].to(sg.dtype) * sg + grad_v * dv_dh
         grad_x.append(grad_h)
         grad_v = grad_h * decay
-    return torch.stack(grad_x[::-1])
+    return torch.stack(grad_x[::-1]).to(x.dtype)
 
 
 @cache
 def _compiled(fn: Callable) -> Callable:
+    """One compiled loop per process: shapes are dynamic, and the float arguments (decay, threshold,
+    alpha) are symbolic in dynamo (``specialize_float=False``), so the values a search samples reuse
+    the same code (tested: 10 thresholds and alphas, one forward and one backward graph)."""
     return torch.compile(fn, dynamic=True)
 
 
