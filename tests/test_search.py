@@ -146,6 +146,10 @@ def test_multi_objective_pareto_export(tmp_path):
     on, off = [t for t in done if t.number in front], [t for t in done if t.number not in front]
     assert not any(dominates(a, b, study.directions) for a in done for b in on)  # nothing beats the front
     assert all(any(dominates(a, b, study.directions) for a in on) for b in off)  # each other trial is beaten
+    member = tmp_path / f"trial_{min(front)}.yaml"  # a point of the front becomes a final model
+    assert retrain_cli.main([str(member), "--out", str(tmp_path / "final")]) == 0
+    metrics = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["test_energy"] > 0 and "test_sops" in metrics
 
 
 def test_journal_storage(tmp_path):
