@@ -16,12 +16,12 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.budget import Heartbeat, ask_within, claim_worker
+from search.budget import Heartbeat, ask_within, claim_worker, is_baseline
 from search.progress import EpochProgress, TrialLine
 from search.samplers import Grid, make_pruner, make_sampler
 from search.space import Space, suggest
 from search.storage import artifact_store, fail_stale, heartbeat_enabled, study_dir
-from search.study import create_study
+from search.study import BASELINE, create_study
 from search.trial import Outcome, TrialRecord, directories, keep_artifacts, requeue, run_trial
 from trainer.fit import EpochReport
 
@@ -87,7 +87,8 @@ class Worker:
         directory, earlier = directories(self.root, frozen)
         starts = frozen.user_attrs.get("starts", []) if earlier else []  # a retry inherits the original's attrs
         trial.set_user_attr("worker", self.name)
-        values = suggest(trial, self.space.params)
+        reference = is_baseline(frozen)
+        values = BASELINE if reference else suggest(trial, self.space.params)
 
         def hook(record: TrialRecord, report: EpochReport, restored: bool) -> None:
             if single:
@@ -96,7 +97,7 @@ class Worker:
                 return
             for key, value in record.attrs.items():
                 trial.set_user_attr(key, value)
-            if single and trial.should_prune():
+            if single and not reference and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {report.epoch + 1} epochs")
 
         with Heartbeat(self.storage, trial._trial_id, trial.number):

@@ -12,10 +12,12 @@ import time
 from typing import TextIO
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from search.study import FINISHED
+from search.budget import is_baseline
+from search.study import FINISHED, baseline
 from trainer.fit import EpochReport
 
 
@@ -86,11 +88,17 @@ class TrialLine:
             line += f" after {trial.last_step} epochs"
         if trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs:
             line += f" ({trial.user_attrs['fail_reason']})"
-        try:
-            best = study.best_trial if len(study.directions) == 1 else None
-            line += f" | best={_fmt(best.value)} (trial {best.number})" if best else \
-                f" | pareto front: {len(study.best_trials)} trials"
-        except ValueError:
-            pass
+        single = len(study.directions) == 1
+        reference = baseline(study) if single else None
+        if is_baseline(trial):
+            line += " (baseline: the base config without heads)"
+        elif reference is not None and trial.value is not None:
+            line += f" ({trial.value - reference.value:+.4g} vs. baseline)"
+        searched = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_baseline(t)]
+        if searched and single:
+            best = (max if study.direction == StudyDirection.MAXIMIZE else min)(searched, key=lambda t: t.value)
+            line += f" | best={_fmt(best.value)} (trial {best.number})"
+        elif searched:
+            line += f" | pareto front: {len(study.best_trials)} trials"
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
         print(f"{line} | {done} finished | {params}", file=self.out or sys.stdout, flush=True)

@@ -26,12 +26,12 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from search.budget import claim_worker, used  # noqa: E402
+from search.budget import claim_worker, is_baseline, used  # noqa: E402
 from search.progress import EpochProgress  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
 from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
-from search.study import create_study  # noqa: E402
+from search.study import BASELINE, create_study  # noqa: E402
 from search.trial import TrialRecord, directories, drop_checkpoints, keep_artifacts, run_trial, trial_dir  # noqa: E402
 from trainer.checkpoint import STATE_FILE  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
@@ -147,7 +147,7 @@ class DefineByRun:
         self.params = params
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        return {"values": suggest(trial, self.params)}
+        return {"values": BASELINE if is_baseline(trial) else suggest(trial, self.params)}
 
 
 def _searcher(space: Space, storage: optuna.storages.BaseStorage, url: str, study: optuna.Study,

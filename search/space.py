@@ -3,7 +3,7 @@
 A space file has four sections (see README "Space files"):
 
     study:  name, direction(s), metric(s), sampler, pruner, min_epochs, n_trials, timeout, seed, storage,
-            heartbeat, max_retry, artifacts
+            heartbeat, max_retry, artifacts, baseline
     base:   a full trainer config (same format as ``python -m trainer --config``)
     final:  dotted overrides applied when the best config is retrained at full length (``optim.epochs``:
             the base's own unless given; ``--base FILE`` swaps in a trainer config as the base)
@@ -33,7 +33,7 @@ METRICS = {"val_acc": "maximize", "val_loss": "minimize", "energy": "minimize", 
            "spike_rate": "minimize", "train_time": "minimize"}
 TYPES = ("float", "int", "categorical", "subset")
 STUDY_KEYS = ("name", "direction", "metric", "sampler", "pruner", "min_epochs", "n_trials", "timeout", "seed",
-              "storage", "heartbeat", "max_retry", "artifacts")
+              "storage", "heartbeat", "max_retry", "artifacts", "baseline")
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -73,6 +73,7 @@ class Study:
     heartbeat: int = 10  # seconds between RUNNING-trial heartbeats; see storage.timeouts for the grace period
     max_retry: int = 2  # times a trial whose worker died is queued again
     artifacts: str | None = None  # folder of the artifact store; None: <study dir>/artifacts
+    baseline: bool = True  # run the base config without heads once, to measure what the heads gained
 
 
 @dataclass
@@ -143,6 +144,10 @@ def _parse_study(path: Path, raw: Any) -> Study:
         if raw["seed"] is not None and not isinstance(raw["seed"], int):
             raise _err(path, "study.seed", f"must be an integer or null (got {raw['seed']!r})")
         study.seed = raw["seed"]
+    if "baseline" in raw:
+        if not isinstance(raw["baseline"], bool):
+            raise _err(path, "study.baseline", f"must be true or false (got {raw['baseline']!r})")
+        study.baseline = raw["baseline"]
     for key in ("storage", "artifacts"):
         if raw.get(key) is not None:
             setattr(study, key, str(raw[key]))

@@ -11,10 +11,17 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.budget import is_baseline
 from search.space import Space
 from search.storage import artifact_location, open_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+BASELINE = {"heads.exits": []}  # the baseline trial's values: the base config, plain cross-entropy
+
+
+def carries_heads(space: Space) -> bool:
+    """The study's trials train with shortcut heads (in the base or through a searched heads key)."""
+    return bool(space.config({}).heads.exits) or any(p.key.startswith("heads.") for p in space.params)
 
 
 # Where and how a config runs, not what it is: workers on other devices or machines share a study.
@@ -80,6 +87,8 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path)
         _check_identity(space, stored, mine)
     if "identity" not in attrs:  # first creation (or a study from before identities)
         study.set_user_attr("identity", mine)
+        if stored is None and space.study.baseline and carries_heads(space):  # a new study: baseline first
+            study.enqueue_trial({}, user_attrs={"baseline": True})
     if attrs.get("space_file") is None:
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -101,11 +110,18 @@ def load_study(study_name: str, storage_url: str) -> optuna.Study:
         raise ValueError(f"storage {storage_url}: no study named {study_name!r}") from None
 
 
+def baseline(study: optuna.Study) -> FrozenTrial | None:
+    """The study's completed baseline trial (the base config without heads), if it has one."""
+    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_baseline(t)), None)
+
+
 def is_full(trial: FrozenTrial) -> bool:
-    """The trial completed all its configured epochs (not pruned, not stopped by a scheduler)."""
+    """A searched trial that completed all its configured epochs (not pruned, not stopped by a scheduler;
+    the baseline is a reference, never a candidate)."""
     config = trial.user_attrs.get("config")
     return (
         trial.state == TrialState.COMPLETE
+        and not is_baseline(trial)
         and config is not None
         and trial.user_attrs.get("epochs_run") == config["optim"]["epochs"]
         and not trial.user_attrs.get("truncated", False)

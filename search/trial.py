@@ -54,7 +54,9 @@ def metric(name: str, report: EpochReport, train_time: float) -> float:
 class TrialRecord:
     """What a trial keeps after each epoch; ``attrs`` become the trial's user attrs: ``config`` (the
     resolved trainer config), ``history``
-    (per-epoch metrics), ``grad_stats`` (first and last epoch), ``firing_rates`` (last epoch),
+    (per-epoch metrics), ``grad_stats`` (first and last epoch), ``grad_flow`` (|dL/dx| at each LIF input:
+    ``layers``, per-epoch rows ``mean`` and ``var``, and the first epoch's ``split`` into the main loss's
+    and the heads' part), ``firing_rates`` (last epoch),
     ``epochs_run``, and ``starts`` (the epoch each run of this trial started from: [0, 5] means it was
     resumed after epoch 5)."""
 
@@ -63,6 +65,7 @@ class TrialRecord:
         self.values = [math.nan] * len(metrics)
         self.history: list[dict[str, float]] = []
         self.grads: dict[str, dict] = {}
+        self.flow: dict[str, object] = {}
         self.starts: list[int] = []
         self.attrs: dict[str, object] = {}
 
@@ -72,8 +75,15 @@ class TrialRecord:
         self.history.append({**report.metrics, "spike_rate": metric("spike_rate", report, train_time)})
         self.grads.setdefault("first", report.grad_stats)
         self.grads["last"] = report.grad_stats
+        if report.grad_flow:  # compact: one row of per-layer values per epoch
+            self.flow.setdefault("layers", list(report.grad_flow))
+            for stat in ("mean", "var"):
+                self.flow.setdefault(stat, []).append([report.grad_flow.get(n, {}).get(stat, 0.0)
+                                                       for n in self.flow["layers"]])
+        if report.flow_split:
+            self.flow["split"] = report.flow_split
         self.attrs.update(history=self.history, epochs_run=report.epoch + 1, starts=self.starts,
-                          firing_rates=report.firing_rates, grad_stats=self.grads)
+                          firing_rates=report.firing_rates, grad_stats=self.grads, grad_flow=self.flow)
         return self.values
 
 

@@ -16,7 +16,7 @@ from search.study import select
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: shared, seed: 0, pruner: none, heartbeat: 1{study}}}
+study: {{name: shared, seed: 0, pruner: none, heartbeat: 1, baseline: false{study}}}
 base:
   data: {{limit: 48, timesteps: 2, batch_size: 16}}
   model: {{width: 4}}

@@ -85,6 +85,63 @@ def test_grad_stats_are_the_mean_and_variance_of_abs_grad():
     assert got["2"]["var"] > 0 and stats.summary() == {}  # summary resets
 
 
+def _backbone_with_heads(exits):
+    from trainer.heads import ShortcutNet
+    from trainer.models import build_backbone, make_neuron
+
+    cfg = load(None, ["model.width=4"])
+    neuron = make_neuron(cfg.neuron, cuda=False)
+    backbone = build_backbone(cfg.model, neuron, 10, 1)
+    return backbone, ShortcutNet(backbone, exits, 10, neuron)
+
+
+def test_grad_flow_is_the_gradient_at_each_lif_input_and_splits_by_loss_part():
+    from trainer.diagnostics import GradFlow
+    from trainer.neuron import LIF
+    from trainer.schedule import shortcut_parts
+
+    torch.manual_seed(0)
+    backbone, net = _backbone_with_heads(["layer1.0"])
+    flow = GradFlow(backbone)
+    seen = {}  # the LIF inputs, to read their gradients directly
+    for name, m in backbone.named_modules():
+        if isinstance(m, LIF):
+            m.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0]))
+    x, y = torch.rand(2, 8, 1, 8, 8), torch.randint(0, 10, (8,))
+    flow.capture = True
+    main, heads = net(x)
+    parts = shortcut_parts(main, heads, y, 0.4)
+    for flow.part, part in zip(("main", "heads"), parts):
+        torch.autograd.grad(part, flow.inputs, retain_graph=True, allow_unused=True)
+    flow.part = None
+    for t in seen.values():
+        t.retain_grad()
+    (parts[0] + parts[1]).backward()
+    got, split = flow.summary(), flow.split()
+    assert list(got) == list(seen) and len(got) == 19  # every LIF of ResNet-20
+    for name, t in seen.items():
+        g = t.grad.abs()
+        assert got[name]["mean"] == pytest.approx(g.mean().item(), rel=1e-4)
+        assert got[name]["var"] == pytest.approx(g.var(correction=0).item(), rel=1e-3, abs=1e-12)
+    assert set(split["main"]) == set(seen)
+    # the head on layer1.0 sends its loss back through the stem and that block only
+    assert set(split["heads"]) == {"stem_lif", "layer1.0.lif1", "layer1.0.lif2"}
+    assert all(split["heads"][k]["mean"] > 0 for k in split["heads"])
+    assert flow.summary() == {} and flow.split() == {}  # both reset
+
+
+def test_fit_records_grad_flow_and_the_first_epochs_split_without_changing_training():
+    cfg = load(None, SMALL + ["heads.exits=[layer2.0]", "lambda.start=0.5"])
+    measured = fit(cfg)
+    first, second = measured.history
+    assert set(first.flow_split) == {"main", "heads"} and not second.flow_split  # the first epoch only
+    assert "layer3.0.lif1" in first.flow_split["main"] and "layer3.0.lif1" not in first.flow_split["heads"]
+    assert len(first.grad_flow) == len(second.grad_flow) == 19
+    plain = fit(load(None, SMALL + ["heads.exits=[layer2.0]", "lambda.start=0.5", "run.grad_stats=false"]))
+    assert not plain.history[0].grad_flow
+    assert [r.metrics["train_loss"] for r in plain.history] == [r.metrics["train_loss"] for r in measured.history]
+
+
 def test_resume_continues_after_the_last_epoch(tmp_path):
     base = SMALL + [f"run.out_dir={tmp_path}"]
     fit(load(None, base + ["optim.epochs=3"]), lambda r: r.epoch == 0)  # stops after epoch 0

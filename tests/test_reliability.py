@@ -27,7 +27,7 @@ from trainer.fit import EpochReport, fit
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: durable, seed: 0, pruner: none, heartbeat: 1{study}}}
+study: {{name: durable, seed: 0, pruner: none, heartbeat: 1, baseline: false{study}}}
 base:
   data: {{timesteps: 2, batch_size: 32{data}}}
   model: {{width: 4}}
@@ -178,7 +178,7 @@ def test_trial_errors_fail_the_trial_and_the_grid_ends_cleanly(tmp_path, capsys)
     assert len(done) == 4
     failed = [t for t in done if t.state == TrialState.FAIL]
     assert {t.params["data.name"] for t in failed} == {"mnist"} and len(failed) == 2
-    assert all(t.user_attrs["fail_reason"].startswith("RuntimeError: Dataset not found") for t in failed)
+    assert all(t.user_attrs["fail_reason"].startswith("FileNotFoundError: mnist not found under") for t in failed)
     assert "Traceback" in (tmp_path / "durable" / "trials" / str(failed[0].number) / "error.txt").read_text()
     assert all(t.state == TrialState.COMPLETE for t in done if t.params["data.name"] == "digits")
 

@@ -40,8 +40,8 @@ final:
 """
 
 
-def space_file(tmp_path, study=", pruner: none", space="", base=BASE):
-    text = f"study: {{name: tiny, seed: 0{study}}}\n{base}\nspace:\n" + (
+def space_file(tmp_path, study=", pruner: none", space="", base=BASE, baseline=False):
+    text = f"study: {{name: tiny, seed: 0, baseline: {str(baseline).lower()}{study}}}\n{base}\nspace:\n" + (
         space or "  lambda.start: {type: float, low: 0.1, high: 1.0}\n"
         "  lambda.schedule: {type: categorical, choices: [linear, cosine]}\n"
     )
@@ -56,11 +56,14 @@ def trials(url, name="tiny"):
 
 def test_run_resume_export_retrain(tmp_path, capsys, monkeypatch):
     url = f"sqlite:///{tmp_path}/tiny.db"
-    space = space_file(tmp_path)
+    space = space_file(tmp_path, baseline=True)
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "2"]) == 0
     out = capsys.readouterr().out
-    assert "trial 0 complete value=" in out and "best=" in out and "lambda.start=" in out
-    done = trials(url)
+    assert "trial 0 complete value=" in out and "(baseline: the base config without heads)" in out
+    assert "trial 1 complete value=" in out and "vs. baseline) | best=" in out and "lambda.start=" in out
+    reference, *done = trials(url)  # the baseline first, then n_trials searched trials
+    assert reference.user_attrs["baseline"] and reference.state == TrialState.COMPLETE and not reference.params
+    assert reference.user_attrs["config"]["heads"]["exits"] == [] and reference.user_attrs["epochs_run"] == 2
     assert [t.state for t in done] == [TrialState.COMPLETE] * 2
     attrs = done[0].user_attrs
     assert attrs["config"]["heads"]["exits"] == ["layer1.0"] and attrs["epochs_run"] == 2
@@ -68,25 +71,28 @@ def test_run_resume_export_retrain(tmp_path, capsys, monkeypatch):
     assert "layer1.0.conv1" in attrs["grad_stats"]["first"] and "stem_lif" in attrs["firing_rates"]
     assert list(done[0].intermediate_values) == [1, 2]  # step = epochs trained
     assert "test" not in attrs and attrs["starts"] == [0]  # trials never read the test split
+    flow = attrs["grad_flow"]  # |dL/dx| at every LIF input, per epoch; the first epoch split by loss part
+    assert len(flow["layers"]) == 19 and len(flow["mean"]) == len(flow["var"]) == 2
+    assert set(flow["split"]) == {"main", "heads"} and "split" not in reference.user_attrs["grad_flow"]
     trial_dir = tmp_path / "tiny" / "trials" / "0"
     assert sorted(p.name for p in trial_dir.iterdir()) == ["config.yaml", "model.pt"]  # last.pt dropped
 
     # the same command tops the study up to the study-wide budget, then does nothing more
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
-    assert len(trials(url)) == 3
+    assert len(trials(url)) == 4  # the baseline is not counted
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
-    assert "already has 3 trials" in capsys.readouterr().out and len(trials(url)) == 3
+    assert "already has 3 trials" in capsys.readouterr().out and len(trials(url)) == 4
 
     assert export_cli.main(["--study", "tiny", "--storage", url, "--out", str(tmp_path / "exp")]) == 0
     best_file = tmp_path / "exp" / "best.yaml"
     best_model = torch.load(tmp_path / "exp" / "best_model.pt", weights_only=True)  # from the artifact store
     kept = torch.load(tmp_path / "tiny" / "trials" / str(trials(url)[0].number) / "model.pt", weights_only=True)
-    best_trial = optuna.load_study(study_name="tiny", storage=url).best_trial
-    trained = torch.load(tmp_path / "tiny" / "trials" / str(best_trial.number) / "model.pt", weights_only=True)
+    searched = [t for t in trials(url) if not t.user_attrs.get("baseline")]
+    best = max(searched, key=lambda t: (t.value, -t.number))  # the baseline is never the best, whatever its value
+    trained = torch.load(tmp_path / "tiny" / "trials" / str(best.number) / "model.pt", weights_only=True)
     assert all(torch.equal(best_model["state_dict"][k], v) for k, v in trained["state_dict"].items())
     assert kept["metrics"]["val_acc"] == trials(url)[0].value
     exported = yaml.safe_load(best_file.read_text())
-    best = optuna.load_study(study_name="tiny", storage=url).best_trial
     assert exported["provenance"]["trial"] == best.number and exported["provenance"]["values"] == [best.value]
     assert exported["provenance"]["final"] == {"optim.epochs": 3}
     cfg = load(best_file)  # the trainer accepts it as is
@@ -384,3 +390,21 @@ def test_a_study_from_before_identities_is_checked_against_its_trials(tmp_path, 
     capsys.readouterr()
     assert run_cli.main(["--space", space, "--storage", url, "--set", "model.width=8"]) == 2
     assert "created with base.model.width=4, this run has 8" in capsys.readouterr().err
+
+
+def test_baseline_only_where_trials_carry_heads_and_ray_runs_it_without_heads(tmp_path):
+    from search.ray_backend import DefineByRun
+    from search.study import BASELINE, carries_heads, create_study
+    from search.storage import open_storage
+
+    plain = load_space(space_file(tmp_path, base=BASE.replace("exits: [layer1.0]", "exits: []"), baseline=True))
+    headed = load_space(space_file(tmp_path, baseline=True))
+    assert not carries_heads(plain) and carries_heads(headed)
+    for space, name, expected in ((plain, "plain", 0), (headed, "headed", 1)):
+        space.study.name = name
+        study = create_study(space, open_storage(f"sqlite:///{tmp_path}/b.db"), tmp_path)
+        waiting = [t for t in study.get_trials() if t.user_attrs.get("baseline")]
+        assert len(waiting) == expected and all(t.state == TrialState.WAITING for t in waiting)
+    trial = study.ask()  # the baseline is asked for first; Ray's define-by-run gives it the base without heads
+    assert DefineByRun(headed.params)(trial) == {"values": BASELINE} and not trial.params
+    assert headed.config(BASELINE).heads.exits == []

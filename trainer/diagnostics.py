@@ -46,6 +46,65 @@ class GradStats:
         return {name: {"mean": m, "var": v} for (name, _), (m, v) in zip(self.layers, values)}
 
 
+class GradFlow:
+    """Mean and variance of |dL/dx| at the input of every LIF layer, averaged over an epoch's steps: the
+    surrogate gradient that reaches each depth (a weight's gradient also scales with the layer's input,
+    which is dense at the stem and says little about the signal path).
+
+    Tensor hooks on the LIF inputs add two reductions per layer and step on the device; read once per
+    epoch. While ``part`` names a part of the loss ("main", "heads"), the gradients computed are that
+    part's alone (see ``fit``) and go to ``split`` instead of the epoch's statistics.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [name for name, m in model.named_modules() if isinstance(m, LIF)]
+        self.capture = False  # keep this step's LIF inputs in ``inputs`` (for the split's autograd.grad)
+        self.inputs: list[torch.Tensor] = []
+        self.total: dict[str | None, torch.Tensor] = {}
+        self.steps: dict[str | None, list[int]] = {}
+        self.part: str | None = None
+        self.handles = [m.register_forward_pre_hook(self._pre(i)) for i, m in
+                        enumerate(m for m in model.modules() if isinstance(m, LIF))]
+
+    def _pre(self, index: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if x.requires_grad and torch.is_grad_enabled():
+                if self.capture:
+                    self.inputs.append(x)
+                x.register_hook(lambda g: self._record(index, g))
+
+        return hook
+
+    def _record(self, index: int, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        stats = torch.stack([g.abs().mean(), (g * g).mean()])
+        if self.part not in self.total:
+            self.total[self.part] = torch.zeros(len(self.layers), 2, device=g.device)
+            self.steps[self.part] = [0] * len(self.layers)
+        self.total[self.part][index] += stats
+        self.steps[self.part][index] += 1
+
+    def _read(self, part: str | None) -> dict[str, dict[str, float]]:
+        if part not in self.total:
+            return {}
+        sums, steps = self.total.pop(part).tolist(), self.steps.pop(part)
+        return {name: {"mean": m / n, "var": max(sq / n - (m / n) ** 2, 0.0)}
+                for name, (m, sq), n in zip(self.layers, sums, steps) if n}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{LIF layer: {"mean": ..., "var": ...}} of the steps since the last summary; resets."""
+        return self._read(None)
+
+    def split(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{part: {LIF layer: {"mean", "var"}}} of the parts recorded since the last call; resets."""
+        return {part: self._read(part) for part in [p for p in self.total if p is not None]}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class FiringRates:
     """Fraction of neurons spiking per LIF layer, while attached (use as a context manager)."""
 

@@ -17,11 +17,14 @@ from tqdm import tqdm
 from trainer.checkpoint import load_state, restore_rng, save_model, save_state
 from trainer.config import Config
 from trainer.data import Batches, encode, load_data
-from trainer.diagnostics import FiringRates, GradStats
+from trainer.diagnostics import FiringRates, GradFlow, GradStats
 from trainer.energy import SynapticOps
 from trainer.heads import ShortcutNet
 from trainer.models import build_backbone, make_neuron
-from trainer.schedule import balance, shortcut_loss
+from trainer.schedule import balance, shortcut_parts
+
+
+SPLIT_STEPS = 8  # first-epoch steps whose LIF-input gradients are also measured per part of the loss
 
 
 class DivergedError(RuntimeError):
@@ -36,6 +39,8 @@ class EpochReport:
     metrics: dict[str, float]
     grad_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     firing_rates: dict[str, float] = field(default_factory=dict)
+    grad_flow: dict[str, dict[str, float]] = field(default_factory=dict)  # |dL/dx| at each LIF's input
+    flow_split: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # first epoch: by loss part
 
 
 @dataclass
@@ -127,6 +132,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     optimizer = _optimizer(cfg, net)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.epochs)
     grads = GradStats(backbone) if cfg.run.grad_stats else None
+    flow = GradFlow(backbone) if cfg.run.grad_stats else None
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
 
     history: list[EpochReport] = []
@@ -152,12 +158,21 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         n = 0
-        for x, y in tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not progress):
+        for step, (x, y) in enumerate(tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not progress)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            split = flow is not None and epoch == 0 and step < SPLIT_STEPS and lam > 0 and forward is net
+            if flow:
+                flow.capture = split
             with _autocast(device, cfg.optim.amp):
                 main, heads = forward(encode(x, cfg.data.timesteps, cfg.data.encoding))
-                loss = shortcut_loss(main, heads, y, lam)
+                main_part, head_part = shortcut_parts(main, heads, y, lam)
+                loss = main_part if head_part is None else main_part + head_part
             optimizer.zero_grad(set_to_none=True)
+            if split:  # what each part of the loss sends back to every LIF layer
+                for flow.part, part in (("main", main_part), ("heads", head_part)):
+                    torch.autograd.grad(part, flow.inputs, retain_graph=True, allow_unused=True)
+                flow.part = None
+                flow.inputs.clear()
             loss.backward()
             if grads:
                 grads.update()
@@ -177,7 +192,8 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
             val = evaluate(backbone, data.val, cfg, device, (rates, ops))
             metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], **ops.summary()}
         metrics |= {"lambda": lam, "lr": lr, "epoch_time": train_time}
-        report = EpochReport(epoch, metrics, grads.summary() if grads else {}, rates.summary())
+        report = EpochReport(epoch, metrics, grads.summary() if grads else {}, rates.summary(),
+                             flow.summary() if flow else {}, flow.split() if flow else {})
         history.append(report)
         bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{metrics.get('val_acc', math.nan):.3f}", lam=f"{lam:.2f}")
         if out_dir:

@@ -48,14 +48,21 @@ def balance(cfg: LambdaConfig, epoch: int, epochs: int) -> float:
     raise ValueError(f"unknown lambda schedule {cfg.schedule!r}")
 
 
-def shortcut_loss(main: Tensor, heads: list[Tensor], target: Tensor, lam: float) -> Tensor:
-    """(1 - lam) * CE(main) + lam * mean CE(heads); plain CE(main) when there are no heads.
+def shortcut_parts(main: Tensor, heads: list[Tensor], target: Tensor, lam: float) -> tuple[Tensor, Tensor | None]:
+    """The two parts of the shortcut loss: (1 - lam) * CE(main) and lam * mean CE(heads) (None without
+    heads, when the first part is plain CE(main)).
 
     Computed in float32 whatever the logits' dtype. The heads share one cross-entropy over their
     concatenated logits (the mean over heads of equal batch size), so a head adds no loss kernels.
     """
     main_loss = F.cross_entropy(main.float(), target)
     if not heads:
-        return main_loss
+        return main_loss, None
     head_loss = F.cross_entropy(torch.cat(heads).float(), target.repeat(len(heads)))
-    return (1 - lam) * main_loss + lam * head_loss
+    return (1 - lam) * main_loss, lam * head_loss
+
+
+def shortcut_loss(main: Tensor, heads: list[Tensor], target: Tensor, lam: float) -> Tensor:
+    """(1 - lam) * CE(main) + lam * mean CE(heads); plain CE(main) when there are no heads."""
+    main_part, head_part = shortcut_parts(main, heads, target, lam)
+    return main_part if head_part is None else main_part + head_part
