@@ -1,9 +1,12 @@
-"""One self-contained HTML report per study: ``python search/report.py --study NAME [--storage URL]``.
+"""Did the heads help? One report per study: ``python search/report.py --study NAME [--storage URL]``.
 
-Sections: optimization history (or Pareto front), parameter importances, parallel coordinates, the
-lambda curves of the top trials, per-layer gradient magnitude of the best trial vs. the best trial
-without heads (first epoch), and accuracy vs. timesteps. Written to ``studies/<name>/report.html``
-with plotly.js inlined, so it opens offline.
+A summary (best config and value, gain over the baseline trial, epochs spent against running every
+trial at full length, trials by state), then figures that each say in a sentence what they show: the
+optimization history (or the Pareto front), learning curves of the top trials with their lambda, the
+gradient reaching each LIF layer in the best trial and the baseline, the heads' share of it, accuracy vs.
+timesteps (when T varies) and parameter importances. Written to ``studies/<name>/report.html`` with
+plotly.js inlined, so it opens offline; ``publish`` puts the same summary and the SNN figures into the
+study for optuna-dashboard (``save_note``, ``save_plotly_graph_object``).
 """
 
 from __future__ import annotations
@@ -16,89 +19,195 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
 
 import argparse  # noqa: E402
 import html  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import optuna  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+from plotly.colors import DEFAULT_PLOTLY_COLORS  # noqa: E402
 from plotly.offline import get_plotlyjs  # noqa: E402
+from plotly.subplots import make_subplots  # noqa: E402
 
+from search.budget import is_baseline  # noqa: E402
 from search.storage import default_url, study_dir  # noqa: E402
-from search.study import is_full, load_study, select  # noqa: E402
+from search.study import baseline, is_full, load_study, select  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.schedule import balance  # noqa: E402
 
 
-def _lambda_curves(trials: list[FrozenTrial]) -> go.Figure:
-    fig = go.Figure()
-    for t in trials:
-        cfg = Config.model_validate(t.user_attrs["config"])
-        epochs = list(range(cfg.optim.epochs))
-        values = [balance(cfg.lambda_, e, cfg.optim.epochs) if cfg.heads.exits else 0.0 for e in epochs]
-        fig.add_trace(go.Scatter(x=epochs, y=values, mode="lines+markers",
-                                 name=f"trial {t.number} ({cfg.lambda_.schedule}, value {t.values[0]:.3g})"))
-    return fig.update_layout(xaxis_title="epoch", yaxis_title="lambda (weight of the heads' loss)")
+@dataclass
+class Section:
+    title: str
+    says: str  # one sentence: what the figure shows, or why there is none
+    figure: go.Figure | None = None
+    dashboard: bool = False  # optuna-dashboard draws Optuna's own plots itself; ours go into the study
 
 
-def _gradients(best: FrozenTrial, baseline: FrozenTrial | None) -> go.Figure:
+def _lambdas(trial: FrozenTrial) -> list[float]:
+    cfg = Config.model_validate(trial.user_attrs["config"])
+    epochs = cfg.optim.epochs
+    return [balance(cfg.lambda_, e, epochs) if cfg.heads.exits else 0.0 for e in range(epochs)]
+
+
+def _learning_curves(top: list[FrozenTrial], reference: FrozenTrial | None, metric: str) -> go.Figure:
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for i, t in enumerate(top):
+        colour = DEFAULT_PLOTLY_COLORS[i % len(DEFAULT_PLOTLY_COLORS)]
+        curve = [h.get(metric) for h in t.user_attrs["history"]]
+        fig.add_trace(go.Scatter(y=curve, mode="lines+markers", line={"color": colour},
+                                 name=f"trial {t.number} {metric}"), secondary_y=False)
+        fig.add_trace(go.Scatter(y=_lambdas(t), mode="lines", line={"color": colour, "dash": "dot"},
+                                 name=f"trial {t.number} lambda"), secondary_y=True)
+    if reference is not None:
+        fig.add_trace(go.Scatter(y=[h.get(metric) for h in reference.user_attrs["history"]], mode="lines",
+                                 line={"color": "black", "dash": "dash"}, name=f"baseline (trial {reference.number})"),
+                      secondary_y=False)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text=metric, secondary_y=False)
+    return fig.update_yaxes(title_text="lambda (weight of the heads' loss)", range=[0, 1.05], secondary_y=True)
+
+
+def _first_flow(trial: FrozenTrial) -> dict[str, float]:
+    flow = trial.user_attrs.get("grad_flow") or {}
+    return dict(zip(flow.get("layers", []), (flow.get("mean") or [[]])[0]))
+
+
+def _gradient_flow(best: FrozenTrial, reference: FrozenTrial | None) -> go.Figure:
     fig = go.Figure()
-    for trial, label in ((best, "best"), (baseline, "best without heads")):
-        if trial is None:
-            continue
-        stats = trial.user_attrs.get("grad_stats", {}).get("first", {})
-        fig.add_trace(go.Bar(x=list(stats), y=[s["mean"] for s in stats.values()],
-                             name=f"{label} (trial {trial.number})"))
-    return fig.update_layout(yaxis_type="log", yaxis_title="mean |grad|, first epoch", barmode="group")
+    for trial, label in ((best, "best"), (reference, "baseline")):
+        if trial is not None and _first_flow(trial):
+            flow = _first_flow(trial)
+            fig.add_trace(go.Bar(x=list(flow), y=list(flow.values()), name=f"{label} (trial {trial.number})"))
+    return fig.update_layout(yaxis_type="log", yaxis_title="mean |dL/dx| at the LIF input, first epoch",
+                             xaxis_title="LIF layer, input side first", barmode="group")
+
+
+def _heads_share(best: FrozenTrial) -> go.Figure | None:
+    split = (best.user_attrs.get("grad_flow") or {}).get("split") or {}
+    main, heads = split.get("main", {}), split.get("heads", {})
+    if not main:
+        return None
+    share = {layer: heads.get(layer, {}).get("mean", 0.0) / (heads.get(layer, {}).get("mean", 0.0) + s["mean"])
+             for layer, s in main.items() if s["mean"] > 0}
+    fig = go.Figure(go.Bar(x=list(share), y=list(share.values()), name=f"trial {best.number}"))
+    return fig.update_layout(yaxis_title="heads' part / (heads' + main's), mean |dL/dx|", yaxis_range=[0, 1],
+                             xaxis_title="LIF layer, input side first")
 
 
 def _timesteps(trials: list[FrozenTrial], metric: str) -> go.Figure:
     xs = [t.user_attrs["config"]["data"]["timesteps"] for t in trials]
-    ys = [t.values[0] for t in trials]
-    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="markers", text=[f"trial {t.number}" for t in trials]))
+    fig = go.Figure(go.Scatter(x=xs, y=[t.values[0] for t in trials], mode="markers",
+                               text=[f"trial {t.number}" for t in trials]))
     return fig.update_layout(xaxis_title="timesteps T", yaxis_title=metric)
 
 
-def figures(study: optuna.Study) -> list[tuple[str, go.Figure | str]]:
-    """(title, figure or a sentence saying why there is none) per section."""
+def summary(study: optuna.Study) -> list[tuple[str, str]]:
+    """(label, text) pairs: what a user wants to know first."""
     metrics = study.user_attrs.get("metrics") or ["value"]
-    full = [t for t in study.get_trials(deepcopy=False) if is_full(t)]
+    trials = study.get_trials(deepcopy=False)
+    searched = [t for t in trials if not is_baseline(t)]
+    counts = {s.name.lower(): sum(t.state == s for t in searched) for s in TrialState}
+    rows = [("study", f"{study.study_name}: {', '.join(metrics)} "
+                      f"({', '.join(d.name.lower() for d in study.directions)})"),
+            ("trials", ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none yet")]
+    reference = baseline(study)
+    try:
+        best = select(study, pareto=len(study.directions) > 1)
+    except ValueError as err:
+        return rows + [("best", str(err))]
+    if len(study.directions) > 1:
+        rows.append(("Pareto front", "; ".join(f"trial {t.number}: " + ", ".join(
+            f"{m}={v:.4g}" for m, v in zip(metrics, t.values)) for t in best)))
+    else:
+        top = best[0]
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in top.params.items())
+        rows.append(("best", f"trial {top.number}: {metrics[0]}={top.value:.4g} with {params or 'the base config'}"))
+        rows.append(("gain over the baseline", f"{top.value - reference.value:+.4g} (baseline: trial "
+                     f"{reference.number}, the base config without heads, {metrics[0]}={reference.value:.4g})"
+                     if reference else "no baseline trial in this study"))
+    spent = sum(t.user_attrs.get("epochs_run", 0) for t in trials)
+    full = sum(t.user_attrs["config"]["optim"]["epochs"] for t in trials if "config" in t.user_attrs)
+    if full:
+        rows.append(("epochs", f"{spent} trained; {full} if every trial had run its full length "
+                               f"({1 - spent / full:.0%} saved by pruning)"))
+    return rows
+
+
+def sections(study: optuna.Study) -> list[Section]:
+    metrics = study.user_attrs.get("metrics") or ["value"]
     multi = len(study.directions) > 1
-    target = (lambda t: t.values[0]) if multi else None
-    out: list[tuple[str, go.Figure | str]] = []
     vis = optuna.visualization
-    if multi:
-        out.append(("Pareto front", vis.plot_pareto_front(study, target_names=metrics)))
-    else:
-        out.append(("Optimization history", vis.plot_optimization_history(study, target_name=metrics[0])))
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(complete) >= 2 and complete[0].params:
-        out.append(("Parameter importances", vis.plot_param_importances(study, target=target,
-                                                                        target_name=metrics[0])))
-        out.append(("Parallel coordinates", vis.plot_parallel_coordinate(study, target=target,
-                                                                          target_name=metrics[0])))
-    else:
-        out.append(("Parameter importances", "needs at least two completed trials"))
+    out = [Section("Pareto front", f"Each dot is a trial's {' and '.join(metrics)}; the front holds the trials "
+                   "no other trial beats in every objective.", vis.plot_pareto_front(study, target_names=metrics))
+           if multi else
+           Section("Optimization history", f"Each dot is a trial's final {metrics[0]}; the line is the best so far.",
+                   vis.plot_optimization_history(study, target_name=metrics[0]))]
+    full = [t for t in study.get_trials(deepcopy=False) if is_full(t)]
     if not full:
-        return out + [("Trials", "no trial has completed all its epochs yet")]
-    top = select(study, top_k=5) if not multi else select(study, pareto=True)[:5]
-    out.append(("Lambda curves of the top trials", _lambda_curves(top)))
-    baseline = next((t for t in select(study, top_k=len(full)) if not t.user_attrs["config"]["heads"]["exits"]),
-                    None) if not multi else None
-    out.append(("Per-layer gradient magnitude: best trial vs. best without heads", _gradients(top[0], baseline)))
-    out.append((f"{metrics[0]} vs. timesteps", _timesteps(full, metrics[0])))
+        return out + [Section("Trials", "No trial has completed all its epochs yet.")]
+    top = select(study, pareto=True)[:5] if multi else select(study, top_k=5)
+    reference = baseline(study)
+    out.append(Section(
+        "Learning curves and lambda of the top trials",
+        f"{metrics[0]} per epoch of the {'Pareto' if multi else len(top)} best trials (solid) with the lambda "
+        "each trained under (dotted, right axis)" + ("; dashed black: the baseline without heads." if reference
+                                                     else "."),
+        _learning_curves(top, reference, "val_acc" if metrics[0] not in top[0].user_attrs["history"][0]
+                         else metrics[0]), dashboard=True))
+    if _first_flow(top[0]):
+        out.append(Section(
+            "Gradient flow: best trial vs. baseline",
+            "The surrogate gradient reaching each LIF layer in the first epoch (mean |dL/dx| at its input), from "
+            "the stem to the last layer: where the best trial's bars stand above the baseline's, the heads sent "
+            "more gradient to that depth.", _gradient_flow(top[0], reference), dashboard=True))
+    else:
+        out.append(Section("Gradient flow: best trial vs. baseline", "The best trial recorded no gradient flow "
+                           "(run.grad_stats is off, or the study predates it)."))
+    share = _heads_share(top[0])
+    out.append(Section("The heads' share of the gradient", "Of the gradient reaching each LIF layer in the best "
+                       "trial's first steps, the part that came from the heads' loss (the rest came from the main "
+                       "output's).", share, dashboard=True) if share else
+               Section("The heads' share of the gradient", "The best trial trained without heads."))
+    timesteps = {t.user_attrs["config"]["data"]["timesteps"] for t in full}
+    if len(timesteps) > 1:
+        out.append(Section(f"{metrics[0]} vs. timesteps", f"Each dot is a full-length trial's {metrics[0]} at the "
+                           "number of timesteps it ran.", _timesteps(full, metrics[0]), dashboard=True))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params]
+    if len(complete) >= 2:
+        target = (lambda t: t.values[0]) if multi else None
+        with warnings.catch_warnings():  # "few trials per regime": the sentence below says it is an estimate
+            warnings.simplefilter("ignore", UserWarning)
+            figure = vis.plot_param_importances(study, target=target, target_name=metrics[0])
+        out.append(Section("Parameter importances", f"An estimate of how much of the variation in {metrics[0]} "
+                           "each searched parameter explains (rough with few trials).", figure))
     return out
 
 
 def render(study: optuna.Study) -> str:
+    rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                   for k, v in summary(study))
     parts = []
-    for i, (title, fig) in enumerate(figures(study)):
-        body = (fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}")
-                if isinstance(fig, go.Figure) else f"<p><em>{html.escape(fig)}</em></p>")
-        parts.append(f"<section><h2>{html.escape(title)}</h2>{body}</section>")
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    for i, s in enumerate(sections(study)):
+        body = s.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}") if s.figure else ""
+        parts.append(f"<section><h2>{html.escape(s.title)}</h2><p>{html.escape(s.says)}</p>{body}</section>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(study.study_name)}</title>"
             f"<script>{get_plotlyjs()}</script></head><body style='font-family:sans-serif'>"
-            f"<h1>Study {html.escape(study.study_name)}</h1><p>{summary}</p>{''.join(parts)}</body></html>")
+            f"<h1>Study {html.escape(study.study_name)}</h1><table>{rows}</table>{''.join(parts)}</body></html>")
+
+
+def publish(study: optuna.Study) -> None:
+    """The summary as the study's note and the SNN figures as its plotly graph objects, so a user who only
+    opens optuna-dashboard sees them (each overwrites its previous version)."""
+    import optuna_dashboard
+
+    found = sections(study)
+    lines = [f"**{k}**: {v}" for k, v in summary(study)]
+    lines += [f"- **{s.title}**: {s.says}" for s in found if s.dashboard or s.figure is None]
+    optuna_dashboard.save_note(study, "\n\n".join(lines))
+    for i, s in enumerate(s for s in found if s.dashboard):
+        s.figure.update_layout(title=s.title)
+        optuna_dashboard.save_plotly_graph_object(study, s.figure, graph_object_id=f"snn{i}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or study_dir(url, args.study) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(study))
+    publish(study)
     print(out)
     return 0
 

@@ -122,13 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(worker_devices) > 1 and code:
         return code
+    from search.report import publish
+
+    publish(study)  # the summary and the SNN figures, for optuna-dashboard
     name = space.study.name
     dashboard = url.removeprefix("journal:")  # optuna-dashboard reads a journal file by its path
     artifacts = study.user_attrs["artifacts"]
     if "://" not in artifacts:  # the dashboard's command line serves folders only
         dashboard += f" --artifact-dir {artifacts}"
-    print(f"done. browse: optuna-dashboard {dashboard}\n"
-          f"export: python search/export.py --study {name} --storage {url}", flush=True)
+    print(f"done. browse: optuna-dashboard {dashboard}  (the study's note and figures say what the heads did)\n"
+          f"export: python search/export.py --study {name} --storage {url}\n"
+          f"report: python search/report.py --study {name} --storage {url}", flush=True)
     return 0
 
 

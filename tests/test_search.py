@@ -270,7 +270,7 @@ def test_dashboard_and_optuna_cli_read_the_study(tmp_path):
     assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows)
 
 
-def test_report_is_one_self_contained_html_with_every_section(tmp_path):
+def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     from html.parser import HTMLParser
 
     from search import report as report_cli
@@ -278,7 +278,7 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path):
     url = f"sqlite:///{tmp_path}/tiny.db"
     space = space_file(tmp_path, space="  lambda.start: {type: float, low: 0.1, high: 1.0}\n"
                        "  data.timesteps: {type: int, low: 1, high: 3}\n"
-                       "  heads.exits: {type: subset, choices: [layer1.0]}\n")
+                       "  heads.exits: {type: subset, choices: [layer1.0]}\n", baseline=True)
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "4"]) == 0
     out = tmp_path / "report.html"
     assert report_cli.main(["--study", "tiny", "--storage", url, "--out", str(out)]) == 0
@@ -303,14 +303,39 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path):
 
     page = Parse()
     page.feed(out.read_text())
-    assert page.headings == [
-        "Optimization history", "Parameter importances", "Parallel coordinates", "Lambda curves of the top trials",
-        "Per-layer gradient magnitude: best trial vs. best without heads", "val_acc vs. timesteps",
-    ]
-    assert page.divs == 6 and not page.external  # plotly.js is inlined: opens offline
-    assert sum("Plotly.newPlot" in s for s in page.scripts) == 6
     study = optuna.load_study(study_name="tiny", storage=url)
-    assert f"trial {study.best_trial.number}" in out.read_text()
+    best = select(study)[0]
+    headed = bool(best.user_attrs["config"]["heads"]["exits"])
+    assert page.headings == [
+        "Optimization history", "Learning curves and lambda of the top trials",
+        "Gradient flow: best trial vs. baseline", "The heads' share of the gradient", "val_acc vs. timesteps",
+        "Parameter importances",
+    ]
+    assert page.divs == 5 + headed and not page.external  # plotly.js is inlined: opens offline
+    assert sum("Plotly.newPlot" in s for s in page.scripts) == 5 + headed
+    text = out.read_text()
+    reference = next(t for t in study.trials if t.user_attrs.get("baseline"))
+    assert f"trial {best.number}: val_acc={best.value:.4g}" in text
+    assert f"{best.value - reference.value:+.4g} (baseline: trial {reference.number}" in text
+    spent = sum(t.user_attrs["epochs_run"] for t in study.trials)
+    assert f"{spent} trained; {2 * len(study.trials)} if every trial had run its full length" in text
+    assert "the heads sent more gradient to that depth" in text  # each figure says what it shows
+
+    # the same summary and the SNN figures inside optuna-dashboard, as its web app serves them
+    from optuna_dashboard import wsgi
+
+    app = wsgi(url)
+    environ = {"PATH_INFO": f"/api/studies/{study._study_id}", "HTTP_ACCEPT_ENCODING": "gzip"}
+    setup_testing_defaults(environ)
+    status = []
+    detail = json.loads(b"".join(app(environ, lambda s, h, exc_info=None: status.append(s))))
+    assert status[0].startswith("200")
+    assert f"**gain over the baseline**: {best.value - reference.value:+.4g}" in detail["note"]["body"]
+    figures = {g["id"]: json.loads(g["graph_object"]) for g in detail["plotly_graph_objects"]}
+    titles = sorted(f["layout"]["title"]["text"] for f in figures.values())
+    assert titles == sorted(["Learning curves and lambda of the top trials", "Gradient flow: best trial vs. baseline",
+                             "val_acc vs. timesteps"] + ["The heads' share of the gradient"] * headed)
+    assert all(f["data"] for f in figures.values())
 
     # Draw every figure of the file in headless Chromium: plotly.js must accept it and paint traces.
     from kaleido.scopes.plotly import PlotlyScope
