@@ -1,10 +1,17 @@
 """Shortcut heads vs. no heads on the offline default (digits), same net, same epochs, several seeds.
 
     python benchmarks/shortcut_heads.py [--config configs/digits.yaml] [--seeds 0 1 2] [--set key=value ...]
+    python benchmarks/shortcut_heads.py --flow [--archs resnet20 resnet34]
 
 Prints validation accuracy per seed for both runs, their means and the ratio, then the per-layer
 mean |grad| of the first epoch (where vanishing gradients hurt most) for both, and their ratio.
 The heads run is the config as given; the baseline is the same config with ``heads.exits=[]``.
+
+``--flow`` answers the paper's question instead: for each architecture and for a surrogate whose
+gradient vanishes away from the threshold (atan, alpha 1) and the default rectangle, one first epoch
+with and without heads, and per LIF layer the mean |dL/dx| at its input (the surrogate gradient that
+reaches that depth), the ratio, and the heads' share of it; then the cost of the diagnostics per
+training step (``run.grad_stats`` on vs. off, paired rounds).
 """
 
 from __future__ import annotations
@@ -24,12 +31,57 @@ def run(config: str | None, overrides: list[str], seed: int, heads: bool) -> tup
     return result, time.perf_counter() - t0
 
 
+SURROGATES = {"atan, alpha 1": ["neuron.surrogate=atan", "neuron.alpha=1.0"],
+              "rectangle, alpha 1": ["neuron.surrogate=rectangle", "neuron.alpha=1.0"]}
+ARCH = {"resnet20": ["model.arch=resnet20"],  # a deep net at a width a CPU trains in seconds per epoch
+        "resnet34": ["model.arch=resnet34", "model.width=16", "model.stem=cifar"]}
+
+
+def flow(config: str, overrides: list[str], archs: list[str], rounds: int) -> None:
+    for arch in archs:
+        for surrogate, neuron in SURROGATES.items():
+            first = overrides + ARCH[arch] + neuron
+            stop = lambda report: True  # noqa: E731 - the first epoch of the configured schedule is enough
+            plain = fit(load(config, first + ["heads.exits=[]"]), stop, test=False).history[0]
+            heads = fit(load(config, first), stop, test=False).history[0]
+            split = heads.flow_split
+            print(f"\n{arch}, {surrogate}: mean |dL/dx| at each LIF input, first epoch (lambda "
+                  f"{heads.metrics['lambda']:.2f}); val acc {plain.metrics['val_acc']:.3f} plain, "
+                  f"{heads.metrics['val_acc']:.3f} heads")
+            print("| LIF layer | no heads | with heads | ratio | heads' share |")
+            print("|---|---|---|---|---|")
+            for layer, stats in plain.grad_flow.items():
+                with_heads = heads.grad_flow[layer]["mean"]
+                h = split.get("heads", {}).get(layer, {}).get("mean", 0.0)
+                m = split.get("main", {}).get(layer, {}).get("mean", 0.0)
+                print(f"| {layer} | {stats['mean']:.2e} | {with_heads:.2e} | {with_heads / stats['mean']:.2f} | "
+                      f"{h / (h + m) if h + m else 0:.2f} |", flush=True)
+
+    print("\n| diagnostics (grad stats + gradient flow) | s per epoch, off | on | on / off |")
+    print("|---|---|---|---|")
+    for arch in archs:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(rounds):  # paired, alternating order: drift of the machine's speed cancels
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                cfg = load(config, overrides + ARCH[arch] + [f"run.grad_stats={str(on).lower()}"])
+                second = fit(cfg, lambda report: report.epoch == 1, test=False).history[1]  # no split steps
+                times[on].append(second.metrics["epoch_time"])
+        ratios = statistics.median(b / a for a, b in zip(times[False], times[True]))
+        print(f"| {arch} | {statistics.median(times[False]):.2f} | {statistics.median(times[True]):.2f} | "
+              f"{ratios:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/digits.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--flow", action="store_true", help="gradient flow per LIF layer (see above)")
+    parser.add_argument("--archs", nargs="+", default=list(ARCH), choices=list(ARCH))
+    parser.add_argument("--rounds", type=int, default=3, help="--flow: paired rounds of the diagnostics' cost")
     args = parser.parse_args()
+    if args.flow:
+        return flow(args.config, args.overrides, args.archs, args.rounds)
     cfg = load(args.config, args.overrides)
     print(f"# {cfg.model.arch} on {cfg.data.name}, T={cfg.data.timesteps}, {cfg.optim.epochs} epochs, "
           f"heads at {cfg.heads.exits}, lambda {cfg.lambda_.schedule} {cfg.lambda_.start}->{cfg.lambda_.end}")

@@ -61,3 +61,15 @@ def test_search_efficiency_compares_both_searches() -> None:
     assert tpe[6] == "not reached" or tpe[6].endswith("%"), tpe
     (rhos,) = ranks  # seed 0, then Spearman's rho after 1, 2 and 3 of the 4 epochs
     assert rhos[0] == "0" and len(rhos) == 1 + 3
+
+
+def test_shortcut_heads_flow_table_shows_where_the_heads_send_gradient() -> None:
+    """Heads on the first stage only: their share is positive up to that stage and zero after it."""
+    *flows, cost = bench("shortcut_heads.py", "--flow", "--archs", "resnet20", "--rounds", "1",
+                         "--set", "data.limit=64", "--set", "model.width=4", "--set", "heads.exits=[layer1.0]")
+    assert len(flows) == 2  # atan and rectangle
+    for rows in flows:
+        share = {row[0]: float(row[4]) for row in rows}
+        assert len(rows) == 19 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
+        assert share["stem_lif"] > 0 and share["layer1.0.lif1"] > 0 and share["layer3.2.lif2"] == 0
+    assert cost[0][0] == "resnet20" and float(cost[0][3]) > 0
