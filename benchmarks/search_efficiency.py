@@ -29,6 +29,7 @@ from search.storage import open_storage
 def search(space_path: str, overrides: list[str], sampler: str, pruner: str, trials: int, seed: int) -> dict:
     space = load_space(space_path, overrides)
     space.study.sampler, space.study.pruner, space.study.seed, space.study.n_trials = sampler, pruner, seed, trials
+    space.study.baseline = False  # the same fixed cost for both searches: left out of the comparison
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'study.db'}"
         t0 = time.perf_counter()
@@ -39,7 +40,9 @@ def search(space_path: str, overrides: list[str], sampler: str, pruner: str, tri
     for t in sorted(done, key=lambda t: t.number):
         spent += t.user_attrs.get("epochs_run", 0)
         history = [h["val_acc"] for h in t.user_attrs.get("history", [])]
-        best = max([best, *history]) if t.state == TrialState.PRUNED else max(best, t.value)
+        # every trial is credited with the value it ended on (a pruned one: its last epoch), as a
+        # random-search trial is; crediting a pruned trial's best epoch would favour the pruned search
+        best = max(best, history[-1] if t.state == TrialState.PRUNED else t.value)
         curve.append((spent, best))
         if t.state == TrialState.COMPLETE:
             curves.append(history)
