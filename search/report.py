@@ -65,7 +65,8 @@ def _learning_curves(top: list[FrozenTrial], reference: FrozenTrial | None, metr
                       secondary_y=False)
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(title_text=metric, secondary_y=False)
-    return fig.update_yaxes(title_text="lambda (weight of the heads' loss)", range=[0, 1.05], secondary_y=True)
+    return fig.update_yaxes(title_text="lambda (weight of the heads' loss)", range=[0, 1.05], tickmode="linear",
+                            dtick=0.2, showgrid=False, secondary_y=True)
 
 
 def _first_flow(trial: FrozenTrial) -> dict[str, float]:
@@ -112,6 +113,8 @@ def summary(study: optuna.Study) -> list[tuple[str, str]]:
                       f"({', '.join(d.name.lower() for d in study.directions)})"),
             ("trials", ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none yet")]
     reference = baseline(study)
+    if reference is not None:
+        rows[-1] = ("trials", f"{rows[-1][1]}, and the baseline")
     try:
         best = select(study, pareto=len(study.directions) > 1)
     except ValueError as err:

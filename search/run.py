@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_devices = devices(args.devices, args.workers) if args.workers or args.devices else []
         url = args.storage or space.study.storage or default_url(space.study.name)
         root = args.study_dir or study_dir(url, space.study.name)
-        artifact_store(artifact_location(space.study.artifacts, root))  # a missing package fails here
         storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
+        artifact_store(artifact_location(space.study.artifacts, root))  # a missing package fails here
     except (SpaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -205,10 +205,12 @@ def test_out_of_memory_fails_the_trial_and_drops_its_checkpoints(tmp_path, monke
     ("mysql+nodriver://x/y", "storage mysql+nodriver://x/y: cannot open"),
     ("::not a url::", "not an SQLAlchemy URL or a journal file"),
 ])
-def test_bad_storage_is_one_line_exit_2(tmp_path, capsys, url, message):
+def test_bad_storage_is_one_line_exit_2(tmp_path, capsys, url, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", url]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "studies").exists()  # nothing written for a storage that never opened
 
 
 def test_unreadable_space_file_is_one_line_exit_2(tmp_path, capsys):
