@@ -85,6 +85,14 @@ class GradFlow:
         self.total[self.part][index] += stats
         self.steps[self.part][index] += 1
 
+    def measure_parts(self, parts: dict[str, torch.Tensor]) -> None:
+        """What each part of this step's loss sends back to every LIF layer (``capture`` must have been on
+        during the forward): one ``autograd.grad`` per part, keeping the graph for the training backward."""
+        for self.part, loss in parts.items():
+            torch.autograd.grad(loss, self.inputs, retain_graph=True, allow_unused=True)
+        self.part = None
+        self.inputs.clear()
+
     def _read(self, part: str | None) -> dict[str, dict[str, float]]:
         if part not in self.total:
             return {}

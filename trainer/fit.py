@@ -168,11 +168,8 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
                 main_part, head_part = shortcut_parts(main, heads, y, lam)
                 loss = main_part if head_part is None else main_part + head_part
             optimizer.zero_grad(set_to_none=True)
-            if split:  # what each part of the loss sends back to every LIF layer
-                for flow.part, part in (("main", main_part), ("heads", head_part)):
-                    torch.autograd.grad(part, flow.inputs, retain_graph=True, allow_unused=True)
-                flow.part = None
-                flow.inputs.clear()
+            if split:
+                flow.measure_parts({"main": main_part, "heads": head_part})
             loss.backward()
             if grads:
                 grads.update()
