@@ -73,3 +73,10 @@ def test_shortcut_heads_flow_table_shows_where_the_heads_send_gradient() -> None
         assert len(rows) == 19 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
         assert share["stem_lif"] > 0 and share["layer1.0.lif1"] > 0 and share["layer3.2.lif2"] == 0
     assert cost[0][0] == "resnet20" and float(cost[0][3]) > 0
+
+
+def test_data_loading_compares_on_device_batches_with_the_dataloader() -> None:
+    (rows,) = bench("data_loading.py", "--images", "500", "--batch", "50", "--rounds", "1")
+    assert [r[0] for r in rows] == ["ours (on device, batched)", "torchvision DataLoader, 0 workers",
+                                    "torchvision DataLoader, 2 workers"]
+    assert rows[1][2] == "1.0x" and all(float(r[1].replace(",", "")) > 0 for r in rows)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from trainer.config import ConfigError, DataConfig, build
-from trainer.data import encode, load_data, split_indices
+from trainer.data import Augment, DataBundle, TensorLoader, encode, load_data, split_indices
 
 CPU = torch.device("cpu")
 
@@ -67,7 +67,9 @@ def test_mnist_reads_idx_files(tmp_path):
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 0x801)
     data = load_data(DataConfig(name="mnist", root=str(tmp_path), batch_size=8), CPU)
     assert (len(data.train.x), len(data.val.x), len(data.test.x)) == (40, 10, 20)
-    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.max() <= 1
+    assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.uint8  # on the device as bytes
+    x, _ = next(iter(data.train))
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.max() > 0.9
     assert sorted(data.test.y.tolist()) == sorted((np.arange(20) % 10).tolist())
 
 
@@ -104,11 +106,58 @@ def test_cifar_reads_python_pickles(tmp_path, monkeypatch, name):
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert sum(len(b[1]) for b in data.train) == 40 and sum(len(b[1]) for b in data.val) == 10
     assert data.num_classes == (10 if name == "cifar10" else 100) and data.in_channels == 3
-    # the final retraining: no validation split, all 50 training images; cutout zeroes a 16x16 square
-    data = load_data(DataConfig(name=name, root=str(tmp_path), batch_size=50, val_fraction=0, cutout=16), CPU)
-    x, _ = next(iter(data.train))
-    assert data.val is None and len(x) == 50
-    assert ((x == 0).all(1).flatten(1).sum(1) >= 16 * 16).all()  # crop padding alone zeroes at most 240
+    # the final retraining: no validation split, all 50 training images; cutout zeroes a square (clipped at
+    # the border) on top of the same crops and flips
+    zeros = {}
+    for cutout in (0, 16):
+        data = load_data(DataConfig(name=name, root=str(tmp_path), batch_size=50, val_fraction=0, cutout=cutout), CPU)
+        x, _ = next(iter(data.train))
+        assert data.val is None and len(x) == 50 and data.train.x.device == CPU and data.train.x.dtype == torch.uint8
+        zeros[cutout] = (x == 0).all(1).flatten(1).sum(1)
+    assert (zeros[16] >= zeros[0]).all() and (zeros[16] - zeros[0]).float().mean() > 100
+
+
+def test_batched_augmentation_matches_torchvision_per_image():
+    """Each image of a batch is cropped, flipped and cut out exactly as torchvision would with its draws."""
+    from torchvision.transforms import functional as TF
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    augment = Augment(padding=4, flip=True, cutout=8)
+    params = augment.draw(64, 32, torch.Generator().manual_seed(1))
+    out = augment(augment.prepare(x), params)
+    for img, got, (top, left, flip, cy, cx) in zip(x, out, params.tolist()):
+        want = TF.crop(TF.pad(img, [4]), top, left, 32, 32)
+        want = TF.hflip(want) if flip else want
+        want[:, max(0, cy - 4):cy + 4, max(0, cx - 4):cx + 4] = 0  # Cutout: side 8 around (cy, cx), clipped
+        assert torch.equal(got, want)
+
+
+def test_augmentation_draws_are_uniform_and_fixed_by_seed_and_epoch():
+    draws = Augment(padding=4, flip=True, cutout=16).draw(90_000, 32, torch.Generator().manual_seed(0))
+    top, left, flip = draws[:, 0], draws[:, 1], draws[:, 2]
+    assert top.min() == 0 and top.max() == 8 and left.min() == 0 and left.max() == 8
+    counts = torch.bincount(top * 9 + left, minlength=81).float()
+    assert counts.min() > 0.9 * 90_000 / 81 and counts.max() < 1.1 * 90_000 / 81  # every crop offset alike
+    assert abs(flip.float().mean().item() - 0.5) < 0.01
+    assert draws[:, 3:].min() == 0 and draws[:, 3:].max() == 31
+
+    # the batches of epoch 3 are the same in an unbroken run and in one resumed at epoch 3
+    x, y = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8), torch.arange(100)
+
+    def batches(epoch, before):
+        shuffle = torch.Generator()
+        loader = TensorLoader(x, y, 16, shuffle, Augment(cutout=8))
+        bundle = DataBundle(loader, None, loader, 10, 3, shuffle, seed=5)
+        for e in before:
+            bundle.start_epoch(e)
+            list(loader)
+        bundle.start_epoch(epoch)
+        return list(loader)
+
+    unbroken, resumed, other = batches(3, range(3)), batches(3, []), batches(4, [])
+    assert all(torch.equal(a, b) and torch.equal(i, j) for (a, i), (b, j) in zip(unbroken, resumed))
+    assert not torch.equal(unbroken[0][0], other[0][0])
 
 
 def test_cutout_is_for_cifar():
@@ -163,3 +212,32 @@ def test_cifar10dvs_reads_aedat4_into_frames(tmp_path):
 def test_missing_dvs_data_says_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="CIFAR10-DVS not found under"):
         load_data(DataConfig(name="cifar10dvs", root=str(tmp_path)), CPU)
+
+
+class _RandomCrops(torch.utils.data.Dataset):
+    """Stands in for a file data set whose transform draws random numbers in the DataLoader's workers."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return torch.full((1,), float(i)) + torch.rand(1), i
+
+
+def test_dataloader_batches_after_a_resume_equal_an_unbroken_runs_with_workers():
+    from trainer.data import _loader_bundle
+
+    ds, cfg = _RandomCrops(), DataConfig(batch_size=4, num_workers=2)
+    split = torch.arange(24)
+
+    def batches(epoch, before):
+        bundle = _loader_bundle(cfg, ((ds, split), (ds, split), (ds, split)), 10, 1, seed=3)
+        for e in before:
+            bundle.start_epoch(e)
+            list(bundle.train)
+        bundle.start_epoch(epoch)
+        return torch.cat([x for x, _ in bundle.train])
+
+    unbroken, resumed = batches(2, range(2)), batches(2, [])
+    assert torch.equal(unbroken, resumed)  # the order and the workers' draws
+    assert not torch.equal(unbroken, batches(1, []))

@@ -32,7 +32,7 @@ class DataConfig(Section):
     timesteps: int = Field(4, ge=1)
     encoding: Literal["direct", "poisson"] = "direct"
     batch_size: int = Field(64, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int | None = Field(None, ge=0)  # DataLoader sets (ImageNet, DVS); None: min(8, cores)
     val_fraction: float = Field(0.2, ge=0, lt=1)  # 0: train on all of it (final retraining)
     image_size: int = Field(224, ge=8)
     cutout: int = Field(0, ge=0)  # side of a zeroed square per training image (CIFAR); 0: off

@@ -1,14 +1,16 @@
 """Datasets and spike encoding.
 
 - digits: scikit-learn's 8x8 digits (ships with scikit-learn: the offline default).
-- mnist, cifar10, cifar100: torchvision, downloaded into ``root`` when ``download: true``.
+- mnist, cifar10, cifar100: torchvision's files (downloaded into ``root`` when ``download: true``), held
+  as uint8 tensors on the training device; CIFAR's random crop, flip and cutout run there on whole
+  batches (``Augment``): no worker processes, no per-image Python.
 - imagenet: torchvision's ImageNet (the archives must already be in ``root``; nothing downloads them).
 - cifar10dvs: tonic's CIFAR10-DVS events, binned into ``timesteps`` frames by ``tonic.transforms.ToFrame``.
 
 ``val_fraction: 0`` gives no validation split: the final retraining trains on all the training data.
-Small sets (digits, MNIST) are held in memory as tensors on the training device; the rest stream
-through a DataLoader. Splits are fixed (generator seed 0) so every trial sees the same validation set;
-the training order depends on (run seed, epoch) only (``DataBundle.start_epoch``).
+ImageNet and CIFAR10-DVS stream through a DataLoader. Splits are fixed (generator seed 0) so every
+trial sees the same validation set; the training order and the augmentation draws depend on (run seed,
+epoch) only (``DataBundle.start_epoch``), so a resumed run sees the batches of an unbroken one.
 Images are in [0, 1]: direct encoding repeats them over T, Poisson encoding samples Bernoulli spikes.
 """
 
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from trainer.config import DataConfig
 
@@ -39,35 +42,79 @@ class DataBundle:
     test: Batches
     num_classes: int
     in_channels: int
-    shuffle: torch.Generator  # drives the training loader's order
+    shuffle: torch.Generator  # drives the training loader's order and augmentation draws
     seed: int
+    workers: torch.Generator = field(default_factory=torch.Generator)  # DataLoader workers' base seed
 
     def __post_init__(self) -> None:
         self.start_epoch(0)
 
     def start_epoch(self, epoch: int) -> None:
-        """Seed this epoch's shuffle from (seed, epoch) alone, so a resumed run sees the same batches."""
+        """Seed this epoch's draws from (seed, epoch) alone, so a resumed run sees the same batches."""
         self.shuffle.manual_seed(hash((self.seed, epoch)))
+        self.workers.manual_seed(hash((self.seed, epoch, "workers")))
+
+
+class Augment:
+    """Random crop after zero padding, horizontal flip and optional Cutout (DeVries & Taylor 2017: a square
+    of side ``cutout`` centred anywhere in the image, clipped at its borders), applied to whole uint8
+    batches on their device. The draws are made per sample from one generator, for a whole epoch at once.
+    The images are padded once (``prepare``); a crop is then one gather per batch."""
+
+    def __init__(self, padding: int = 4, flip: bool = True, cutout: int = 0) -> None:
+        self.padding, self.flip, self.cutout = padding, flip, cutout
+
+    def draw(self, n: int, size: int, generator: torch.Generator) -> Tensor:
+        """[n, 5] int64: crop offsets (top, left) in [0, 2 * padding], flip (0/1), cutout centre (y, x)."""
+        span = 2 * self.padding + 1
+        highs = (span, span, 2 if self.flip else 1, size, size)
+        return torch.stack([torch.randint(h, (n,), generator=generator) for h in highs], 1)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """The images with their zero padding, as ``__call__`` takes them."""
+        p = self.padding
+        return F.pad(x, (p, p, p, p))
+
+    def __call__(self, padded: Tensor, params: Tensor) -> Tensor:
+        """Augmented images [b, c, h, w] from prepared (padded) ones."""
+        p = self.padding
+        b, c, h, w = padded.shape[0], padded.shape[1], padded.shape[2] - 2 * p, padded.shape[3] - 2 * p
+        rows = params[:, 0, None] + torch.arange(h, device=padded.device)  # [b, h] rows of the padded image
+        cols = params[:, 1, None] + torch.arange(w, device=padded.device)
+        cols = torch.where(params[:, 2, None].bool(), cols.flip(1), cols)  # a flip reads the columns backwards
+        index = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).flatten(1)  # [b, h * w] into the padded plane
+        out = padded.flatten(2).gather(2, index[:, None, :].expand(-1, c, -1)).view(b, c, h, w)
+        if self.cutout:
+            ys = torch.arange(h, device=out.device) - params[:, 3, None] + self.cutout // 2  # [b, h]
+            xs = torch.arange(w, device=out.device) - params[:, 4, None] + self.cutout // 2
+            inside = ((ys >= 0) & (ys < self.cutout))[:, :, None] & ((xs >= 0) & (xs < self.cutout))[:, None, :]
+            out.masked_fill_(inside[:, None], 0)
+        return out
 
 
 class TensorLoader:
-    """Batches from tensors already in memory (no worker processes, no per-sample Python)."""
+    """Batches from tensors already on the training device (no worker processes, no per-sample Python);
+    uint8 images become floats in [0, 1] a batch at a time, after ``augment``."""
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: torch.Generator | None = None) -> None:
-        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, shuffle: torch.Generator | None = None,
+                 augment: Augment | None = None) -> None:
+        self.x = augment.prepare(x) if augment else x
+        self.y, self.batch_size, self.shuffle, self.augment = y, batch_size, shuffle, augment
 
     def __len__(self) -> int:
         return -(-len(self.x) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.shuffle).to(self.x.device) if self.shuffle else None
+        n, device = len(self.x), self.x.device
+        order = torch.randperm(n, generator=self.shuffle).to(device) if self.shuffle else torch.arange(n, device=device)
+        size = self.x.shape[-1] - 2 * self.augment.padding if self.augment else 0
+        params = self.augment.draw(n, size, self.shuffle).to(device) if self.augment else None
         for i in range(0, n, self.batch_size):
-            if order is None:
-                yield self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
-            else:
-                idx = order[i : i + self.batch_size]
-                yield self.x[idx], self.y[idx]
+            idx = order[i : i + self.batch_size]
+            x = self.x.index_select(0, idx)  # on CPU many times faster than x[idx] for bytes
+            if params is not None:
+                x = self.augment(x, params[i : i + self.batch_size])
+            yield (x.float().div_(255) if x.dtype == torch.uint8 else x), self.y.index_select(0, idx)
 
 
 def split_indices(n: int, fractions: tuple[float, ...]) -> list[Tensor]:
@@ -88,7 +135,7 @@ def _limit(idx: Tensor, limit: int | None) -> Tensor:
 
 def _tensor_bundle(
     cfg: DataConfig, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
-    num_classes: int, device: torch.device, seed: int,
+    num_classes: int, device: torch.device, seed: int, augment: Augment | None = None,
 ) -> DataBundle:
     val_idx, train_idx = split_indices(len(x_train), (cfg.val_fraction,))
     train_idx, val_idx = _limit(train_idx, cfg.limit), _limit(val_idx, cfg.limit)
@@ -96,7 +143,7 @@ def _tensor_bundle(
     to = lambda t: t.to(device)  # noqa: E731
     shuffle = torch.Generator()
     return DataBundle(
-        train=TensorLoader(to(x_train[train_idx]), to(y_train[train_idx]), cfg.batch_size, shuffle),
+        train=TensorLoader(to(x_train[train_idx]), to(y_train[train_idx]), cfg.batch_size, shuffle, augment),
         val=TensorLoader(to(x_train[val_idx]), to(y_train[val_idx]), cfg.batch_size) if len(val_idx) else None,
         test=TensorLoader(to(x_test[test_idx]), to(y_test[test_idx]), cfg.batch_size),
         num_classes=num_classes,
@@ -121,32 +168,35 @@ def _mnist(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
 
     train = MNIST(cfg.root, train=True, download=cfg.download)
     test = MNIST(cfg.root, train=False, download=cfg.download)
-    prep = lambda d: d.data.unsqueeze(1).float() / 255.0  # noqa: E731
+    prep = lambda d: d.data.unsqueeze(1)  # noqa: E731 - uint8 [N, 1, 28, 28]
     return _tensor_bundle(cfg, prep(train), train.targets, prep(test), test.targets, 10, device, seed)
 
 
 def _loader_bundle(
     cfg: DataConfig, splits: tuple[tuple[Dataset, Tensor], ...], num_classes: int, in_channels: int, seed: int
 ) -> DataBundle:
-    """DataLoaders over (data set, indices) for train, val and test; only train shuffles, from the bundle's
-    generator, so ``start_epoch`` makes the order reproducible."""
-    shuffle = torch.Generator()
+    """DataLoaders over (data set, indices) for train, val and test. Only train shuffles, from the bundle's
+    ``shuffle`` generator; the workers' seeds come from its ``workers`` generator, and workers start anew
+    each epoch (not persistent), so ``start_epoch`` fixes both the order and the workers' augmentation
+    draws: a persistent worker's random state would carry over from the epochs before a resume."""
+    shuffle, workers = torch.Generator(), torch.Generator()
+    num_workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
 
     def loader(ds: Dataset, idx: Tensor, train: bool) -> DataLoader | None:
         if not len(idx):
             return None
+        subset = Subset(ds, _limit(idx, cfg.limit).tolist())
         return DataLoader(
-            Subset(ds, _limit(idx, cfg.limit).tolist()),
+            subset,
             batch_size=cfg.batch_size,
-            shuffle=train,
-            num_workers=cfg.num_workers,
+            sampler=RandomSampler(subset, generator=shuffle) if train else None,
+            num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=cfg.num_workers > 0,
-            generator=shuffle if train else torch.Generator().manual_seed(seed),
+            generator=workers if train else torch.Generator().manual_seed(seed),
         )
 
     train, val, test = (loader(ds, idx, i == 0) for i, (ds, idx) in enumerate(splits))
-    return DataBundle(train, val, test, num_classes, in_channels, shuffle, seed)
+    return DataBundle(train, val, test, num_classes, in_channels, shuffle, seed, workers)
 
 
 def _official_test(
@@ -159,19 +209,17 @@ def _official_test(
     return _loader_bundle(cfg, splits, num_classes, 3, seed)
 
 
-def _cifar(cfg: DataConfig, seed: int) -> DataBundle:
-    from torchvision import datasets, transforms as T
+def _cifar(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+    """torchvision reads (and downloads) the files; the images then live on the device as uint8."""
+    from torchvision import datasets
 
     cls, classes = (datasets.CIFAR10, 10) if cfg.name == "cifar10" else (datasets.CIFAR100, 100)
-    aug = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor()]
-    if cfg.cutout:  # Cutout (DeVries & Taylor 2017) as torchvision's erasing of a square kept inside the image
-        area = (min(cfg.cutout, 32) / 32) ** 2
-        aug.append(T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
-    aug, plain = T.Compose(aug), T.ToTensor()
-    train_aug = cls(cfg.root, train=True, transform=aug, download=cfg.download)
-    train_plain = cls(cfg.root, train=True, transform=plain)
-    test = cls(cfg.root, train=False, transform=plain, download=cfg.download)
-    return _official_test(cfg, train_aug, train_plain, test, classes, seed)
+    train = cls(cfg.root, train=True, download=cfg.download)
+    test = cls(cfg.root, train=False, download=cfg.download)
+    prep = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()  # noqa: E731 - uint8 [N, 3, 32, 32]
+    label = lambda d: torch.tensor(d.targets, dtype=torch.long)  # noqa: E731
+    return _tensor_bundle(cfg, prep(train), label(train), prep(test), label(test), classes, device, seed,
+                          Augment(padding=4, flip=True, cutout=cfg.cutout))
 
 
 def _imagenet(cfg: DataConfig, seed: int) -> DataBundle:
@@ -234,7 +282,7 @@ def _load(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     if cfg.name == "mnist":
         return _mnist(cfg, device, seed)
     if cfg.name in ("cifar10", "cifar100"):
-        return _cifar(cfg, seed)
+        return _cifar(cfg, device, seed)
     if cfg.name == "imagenet":
         return _imagenet(cfg, seed)
     return _cifar10dvs(cfg, seed)
