@@ -182,7 +182,7 @@ def test_imagenet_reads_prepared_folders(tmp_path):
     assert sum(len(b[1]) for b in data.test) == 4 and sum(len(b[1]) for b in data.val) == 2
 
 
-def test_cifar10dvs_reads_aedat4_into_frames(tmp_path):
+def test_cifar10dvs_reads_aedat4_into_frames_once(tmp_path, monkeypatch):
     dv = pytest.importorskip("dv_processing", reason="dev extra: writes real AEDAT4 files")
     root = tmp_path / "CIFAR10DVS"
     classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -199,14 +199,22 @@ def test_cifar10dvs_reads_aedat4_into_frames(tmp_path):
             writer.writeEvents(store)
             del writer
     (root / "CIFAR10DVS.zip").write_bytes(b"")  # the archive tonic checks for before extracting
-    data = load_data(DataConfig(name="cifar10dvs", root=str(tmp_path), timesteps=5, image_size=32,
-                                batch_size=6, limit=12), CPU)
+    cfg = DataConfig(name="cifar10dvs", root=str(tmp_path), timesteps=5, image_size=32, batch_size=6, limit=12)
+    data = load_data(cfg, CPU)
     x, y = next(iter(data.train))
     assert x.shape == (6, 5, 2, 32, 32) and data.in_channels == 2 and data.num_classes == 10
     assert x.sum() > 0
     frames = encode(x, 5, "direct")
     assert frames.shape == (5, 6, 2, 32, 32)
-    assert len(data.test.dataset) == 12 and len(data.val.dataset) == 12  # limit applies per split
+    assert len(data.test.x) == 12 and len(data.val.x) == 12  # limit applies per split
+    cache = root / "frames_T5_32px.pt"
+    assert cache.exists() and len(torch.load(cache)["x"]) == 1000  # all recordings, binned once
+
+    import tonic  # the next run reads the cached frames: binning again would fail here
+
+    monkeypatch.setattr(tonic.transforms.ToFrame, "__call__", lambda *a: pytest.fail("binned twice"))
+    again = load_data(cfg, CPU)
+    assert torch.equal(again.train.x, data.train.x) and torch.equal(again.test.y, data.test.y)
 
 
 def test_missing_dvs_data_says_where(tmp_path):

@@ -5,10 +5,11 @@
   as uint8 tensors on the training device; CIFAR's random crop, flip and cutout run there on whole
   batches (``Augment``): no worker processes, no per-image Python.
 - imagenet: torchvision's ImageNet (the archives must already be in ``root``; nothing downloads them).
-- cifar10dvs: tonic's CIFAR10-DVS events, binned into ``timesteps`` frames by ``tonic.transforms.ToFrame``.
+- cifar10dvs: tonic's CIFAR10-DVS events, binned into ``timesteps`` frames by ``tonic.transforms.ToFrame``
+  once, cached as one tensor file under ``root``, then held on the training device.
 
 ``val_fraction: 0`` gives no validation split: the final retraining trains on all the training data.
-ImageNet and CIFAR10-DVS stream through a DataLoader. Splits are fixed (generator seed 0) so every
+ImageNet streams through a DataLoader. Splits are fixed (generator seed 0) so every
 trial sees the same validation set; the training order and the augmentation draws depend on (run seed,
 epoch) only (``DataBundle.start_epoch``), so a resumed run sees the batches of an unbroken one.
 Images are in [0, 1]: direct encoding repeats them over T, Poisson encoding samples Bernoulli spikes.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -147,7 +149,7 @@ def _tensor_bundle(
         val=TensorLoader(to(x_train[val_idx]), to(y_train[val_idx]), cfg.batch_size) if len(val_idx) else None,
         test=TensorLoader(to(x_test[test_idx]), to(y_test[test_idx]), cfg.batch_size),
         num_classes=num_classes,
-        in_channels=x_train.shape[1],
+        in_channels=x_train.shape[-3],  # [N, C, H, W], or [N, T, C, H, W] for event frames
         shuffle=shuffle,
         seed=seed,
     )
@@ -250,20 +252,36 @@ class _Frames:
         return frames
 
 
-def _cifar10dvs(cfg: DataConfig, seed: int) -> DataBundle:
-    """CIFAR10-DVS has no official split: 10% test, then ``val_fraction`` of the rest for validation."""
+def _dvs_frames(cfg: DataConfig, size: int) -> tuple[Tensor, Tensor]:
+    """Every recording binned into ``timesteps`` frames of ``size`` pixels, once: tonic reads the events and
+    ``ToFrame`` bins them the first time, then the frames come from one tensor file under ``data.root``."""
     import tonic
 
+    path = Path(cfg.root) / "CIFAR10DVS" / f"frames_T{cfg.timesteps}_{size}px.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        return blob["x"], blob["y"]
+    ds = tonic.datasets.CIFAR10DVS(cfg.root, transform=_Frames(cfg.timesteps, size))
+    print(f"binning {len(ds)} CIFAR10-DVS recordings into {cfg.timesteps} frames, once -> {path}", flush=True)
+    workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
+    batches = list(DataLoader(ds, batch_size=64, num_workers=workers))
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([torch.as_tensor(b[1]) for b in batches])
+    tmp = path.with_suffix(".tmp")
+    torch.save({"x": x, "y": y}, tmp)
+    tmp.replace(path)  # a run killed while binning leaves no half-written cache
+    return x, y
+
+
+def _cifar10dvs(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+    """CIFAR10-DVS has no official split: 10% test, then ``val_fraction`` of the rest for validation. The
+    frames are held on the training device like CIFAR's images."""
     if not cfg.download and not os.path.isdir(os.path.join(cfg.root, "CIFAR10DVS")):
         raise FileNotFoundError(
             f"CIFAR10-DVS not found under {cfg.root}/CIFAR10DVS (set data.download=true to fetch it)"
         )
-    size = min(cfg.image_size, 128)
-    ds = tonic.datasets.CIFAR10DVS(cfg.root, transform=_Frames(cfg.timesteps, size))
-    test_idx, rest = split_indices(len(ds), (0.1,))
-    val_n = int(round(cfg.val_fraction * len(rest)))
-    val_idx, train_idx = rest[:val_n], rest[val_n:]
-    return _loader_bundle(cfg, ((ds, train_idx), (ds, val_idx), (ds, test_idx)), 10, 2, seed)
+    x, y = _dvs_frames(cfg, min(cfg.image_size, 128))
+    test_idx, rest = split_indices(len(x), (0.1,))
+    return _tensor_bundle(cfg, x[rest], y[rest], x[test_idx], y[test_idx], 10, device, seed)
 
 
 def load_data(cfg: DataConfig, device: torch.device, seed: int = 0) -> DataBundle:
@@ -285,7 +303,7 @@ def _load(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
         return _cifar(cfg, device, seed)
     if cfg.name == "imagenet":
         return _imagenet(cfg, seed)
-    return _cifar10dvs(cfg, seed)
+    return _cifar10dvs(cfg, device, seed)
 
 
 def encode(x: Tensor, timesteps: int, encoding: str) -> Tensor:
