@@ -63,7 +63,7 @@ def main() -> None:
         tpe = search(args.space, args.overrides, "tpe", "hyperband", args.trials, seed + 1000)
         reach = next((e for e, b in tpe["curve"] if b >= rand["best"]), None)
         rows.append((seed, rand, tpe, reach))
-    print(f"\n# {args.space}, {args.trials} trials each, val_acc (a pruned trial counts its best epoch)")
+    print(f"\n# {args.space}, {args.trials} trials each, val_acc (a pruned trial counts the value it ended on)")
     print("| seed | search | best val acc | epochs spent | trials/min | wall s | epochs to reach random's best |")
     print("|---|---|---|---|---|---|---|")
     for seed, rand, tpe, reach in rows:
