@@ -45,6 +45,7 @@ class ModelConfig(Section):
     )
     width: int | None = Field(None, ge=1)
     stem: Literal["auto", "cifar", "imagenet"] = "auto"
+    compile: Literal["auto", "always", "never"] = "auto"  # the whole training step; auto: on CUDA
 
 
 class NeuronConfig(Section):

@@ -51,20 +51,30 @@ class GradFlow:
     surrogate gradient that reaches each depth (a weight's gradient also scales with the layer's input,
     which is dense at the stem and says little about the signal path).
 
-    Tensor hooks on the LIF inputs add two reductions per layer and step on the device; read once per
-    epoch. While ``part`` names a part of the loss ("main", "heads"), the gradients computed are that
-    part's alone (see ``fit``) and go to ``split`` instead of the epoch's statistics.
+    Tensor hooks on the LIF inputs, while entered (a context manager, so a compiled step runs without
+    them), add two reductions per layer and step on the device; read once per epoch. While ``part``
+    names a part of the loss ("main", "heads"), the gradients computed are that part's alone (see
+    ``fit``) and go to ``split`` instead of the epoch's statistics.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [name for name, m in model.named_modules() if isinstance(m, LIF)]
+        self.modules = [m for m in model.modules() if isinstance(m, LIF)]
         self.capture = False  # keep this step's LIF inputs in ``inputs`` (for the split's autograd.grad)
         self.inputs: list[torch.Tensor] = []
         self.total: dict[str | None, torch.Tensor] = {}
         self.steps: dict[str | None, list[int]] = {}
         self.part: str | None = None
-        self.handles = [m.register_forward_pre_hook(self._pre(i)) for i, m in
-                        enumerate(m for m in model.modules() if isinstance(m, LIF))]
+        self.handles: list = []
+
+    def __enter__(self) -> GradFlow:
+        self.handles = [m.register_forward_pre_hook(self._pre(i)) for i, m in enumerate(self.modules)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
     def _pre(self, index: int):
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -107,10 +117,6 @@ class GradFlow:
     def split(self) -> dict[str, dict[str, dict[str, float]]]:
         """{part: {LIF layer: {"mean", "var"}}} of the parts recorded since the last call; resets."""
         return {part: self._read(part) for part in [p for p in self.total if p is not None]}
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class FiringRates:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from trainer.checkpoint import load_state, restore_rng, save_model, save_state
@@ -106,6 +108,32 @@ def heads_matter(cfg: Config, epoch: int) -> bool:
     return bool(cfg.heads.exits) and any(balance(cfg.lambda_, e, epochs) > 0 for e in range(epoch, epochs))
 
 
+def step_loss(net: ShortcutNet, inputs: Tensor, y: Tensor, lam: float, heads: bool
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Main logits and the two parts of the shortcut loss of one training step (``heads=False``: the
+    backbone alone). ``model.compile`` compiles this whole: forward, loss and, through AOTAutograd, the
+    backward."""
+    main, outs = net(inputs) if heads else (net.backbone(inputs), [])
+    return (main, *shortcut_parts(main, outs, y, lam))
+
+
+@cache
+def compiled_step() -> Callable:
+    """``step_loss`` compiled, once per process: the net is an argument, so the trials of a worker reuse
+    the code for every model of the same shape (lambda is a symbolic float: no recompiles), and
+    inductor's cache in ``~/.cache/snn-search/inductor`` (or ``TORCHINDUCTOR_CACHE_DIR``) starts later
+    processes warm."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "snn-search" / "inductor"))
+    return torch.compile(step_loss)
+
+
+def compiles(cfg: Config, device: torch.device) -> bool:
+    """``model.compile``: ``auto`` compiles on CUDA, where small steps are launch-bound. On a CPU it
+    would not pay back within a digits trial (2 cores: 50 -> 23 ms per step, ~100 s to compile cold,
+    ~10 s warm), so there it is ``always``'s to ask for: a worker's later trials reuse the code."""
+    return cfg.model.compile == "always" or (cfg.model.compile == "auto" and device.type == "cuda")
+
+
 def _optimizer(cfg: Config, net: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
@@ -124,7 +152,9 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     device = resolve_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     data = load_data(cfg.data, device, cfg.run.seed)
-    neuron = make_neuron(cfg.neuron, device.type == "cuda")
+    whole = compiles(cfg, device)  # the whole step; the LIF's own compiled loops would nest in it
+    neuron = make_neuron(cfg.neuron.model_copy(update={"compile": "never"}) if whole else cfg.neuron,
+                         device.type == "cuda")
     backbone = build_backbone(cfg.model, neuron, data.num_classes, data.in_channels)
     net = ShortcutNet(backbone, cfg.heads.exits, data.num_classes, neuron, cfg.heads.hidden).to(device)
     if device.type == "cuda":
@@ -150,7 +180,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     stopped = False
     for epoch in bar:
         lam = balance(cfg.lambda_, epoch, epochs) if cfg.heads.exits else 0.0
-        forward = net if heads_matter(cfg, epoch) else lambda inputs: (backbone(inputs), [])
+        heads_on = heads_matter(cfg, epoch)
         lr = optimizer.param_groups[0]["lr"]
         net.train()
         data.start_epoch(epoch)
@@ -160,12 +190,15 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
         n = 0
         for step, (x, y) in enumerate(tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not progress)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            split = flow is not None and epoch == 0 and step < SPLIT_STEPS and lam > 0 and forward is net
-            if flow:
-                flow.capture = split
-            with _autocast(device, cfg.optim.amp):
-                main, heads = forward(encode(x, cfg.data.timesteps, cfg.data.encoding))
-                main_part, head_part = shortcut_parts(main, heads, y, lam)
+            # gradient flow needs hooks, which a compiled step runs without: then it samples eager steps
+            measured = flow is not None and (not whole or step < SPLIT_STEPS)
+            split = measured and epoch == 0 and step < SPLIT_STEPS and lam > 0 and heads_on
+            run = compiled_step() if whole and not measured else step_loss
+            with flow if measured else nullcontext(), _autocast(device, cfg.optim.amp):
+                if measured:
+                    flow.capture = split
+                main, main_part, head_part = run(net, encode(x, cfg.data.timesteps, cfg.data.encoding), y, lam,
+                                                 heads_on)
                 loss = main_part if head_part is None else main_part + head_part
             optimizer.zero_grad(set_to_none=True)
             if split:
