@@ -1,0 +1,79 @@
+"""One training step, eager vs. compiled (``model.compile``), with and without shortcut heads, per architecture.
+
+    python benchmarks/train_step.py [--config configs/digits.yaml] [--archs resnet20 resnet18] [--batch 32]
+                                    [--timesteps 4] [--size 8] [--steps 20] [--device auto]
+
+A step is ``trainer.fit.step_loss`` (forward, shortcut loss) plus backward and an AdamW update, on
+random images of ``--size`` pixels (8: the digits default), for the config's net without heads and
+with its heads (its exits that the arch has, its head design). The first compiled call's time is the
+compilation (warm or cold: it depends on inductor's cache in ~/.cache/snn-search/inductor). Prints
+ms per step (median of ``--steps``) and compiled / eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from trainer.config import load
+from trainer.fit import resolve_device, step_loss
+from trainer.heads import ShortcutNet
+from trainer.models import block_exits, build_backbone, make_neuron
+
+
+def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: bool, steps: int,
+                device: torch.device) -> tuple[float, float]:
+    """(seconds of the first step, median ms of the next ``steps``)."""
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        _, main_part, head_part = fn(net, x, y, 0.5, heads)
+        (main_part if head_part is None else main_part + head_part).backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[0], statistics.median(times[1:]) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/digits.yaml")
+    parser.add_argument("--archs", nargs="+", default=["resnet20"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--timesteps", type=int, default=4)
+    parser.add_argument("--size", type=int, default=8)
+    parser.add_argument("--width", type=int, help="first-stage channels (default: the arch's)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    compiled = torch.compile(step_loss)
+    print(f"# batch {args.batch}, T={args.timesteps}, {args.size}x{args.size} inputs, {device}")
+    print("| arch | heads | eager ms/step | compiled ms/step | compiled / eager | first compiled step, s |")
+    print("|---|---|---|---|---|---|")
+    for arch in args.archs:
+        cfg = load(args.config, [f"model.arch={arch}", "neuron.compile=never", "heads.exits=[]"]
+                   + ([f"model.width={args.width}"] if args.width else []))
+        wanted = load(args.config).heads
+        for heads in (False, True):
+            torch.manual_seed(0)
+            neuron = make_neuron(cfg.neuron, cuda=False)
+            exits = [e for e in wanted.exits if e in block_exits(arch)] if heads else []
+            backbone = build_backbone(cfg.model, neuron, 10, 1)
+            net = ShortcutNet(backbone, exits, 10, neuron, wanted.hidden).to(device)
+            x = torch.rand(args.timesteps, args.batch, 1, args.size, args.size, device=device)
+            y = torch.randint(0, 10, (args.batch,), device=device)
+            _, eager = timed_steps(step_loss, net, x, y, heads, args.steps, device)
+            first, fast = timed_steps(compiled, net, x, y, heads, args.steps, device)
+            print(f"| {arch} | {len(exits)} | {eager:.1f} | {fast:.1f} | {fast / eager:.2f} | {first:.0f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
