@@ -28,11 +28,12 @@ def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: b
                 device: torch.device) -> tuple[float, float]:
     """(seconds of the first step, median ms of the next ``steps``)."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    lam = torch.tensor(0.5, device=device)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        _, main_part, head_part = fn(net, x, y, 0.5, heads)
+        _, main_part, head_part = fn(net, x, y, lam, heads)
         (main_part if head_part is None else main_part + head_part).backward()
         optimizer.step()
         if device.type == "cuda":
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    compiled = torch.compile(step_loss)
+    compiled = torch.compile(step_loss, dynamic=False)  # as trainer.fit.compiled_step
     print(f"# batch {args.batch}, T={args.timesteps}, {args.size}x{args.size} inputs, {device}")
     print("| arch | heads | eager ms/step | compiled ms/step | compiled / eager | first compiled step, s |")
     print("|---|---|---|---|---|---|")

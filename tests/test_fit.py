@@ -244,9 +244,10 @@ def test_compiled_step_equals_eager(arch, exits):
     x, y = torch.rand(2, 4, 1, 16, 16), torch.randint(0, 10, (4,))
     params = list(net.parameters())
     loss = lambda out: out[1] if out[2] is None else out[1] + out[2]  # noqa: E731
-    eager = step_loss(net, x, y, 0.3, bool(exits))
+    lam = torch.tensor(0.3)
+    eager = step_loss(net, x, y, lam, bool(exits))
     g_eager = torch.autograd.grad(loss(eager), params, allow_unused=True)
-    traced = torch.compile(step_loss, backend="aot_eager", fullgraph=True)(net, x, y, 0.3, bool(exits))
+    traced = torch.compile(step_loss, backend="aot_eager", fullgraph=True)(net, x, y, lam, bool(exits))
     g_traced = torch.autograd.grad(loss(traced), params, allow_unused=True)
     torch.testing.assert_close(loss(traced), loss(eager), rtol=1e-5, atol=1e-7)
     for a, b in zip(g_traced, g_eager):
@@ -260,6 +261,7 @@ def test_fit_with_the_compiled_step_trains_like_eager_and_still_measures_gradien
     and gradient flow comes from the eager steps it samples (the first 8 of each epoch's 12)."""
     import trainer.fit
 
+    torch._dynamo.reset()  # whatever other tests traced, this fit compiles from scratch, as a worker does
     compiled_calls = []
     real = trainer.fit.compiled_step()
     monkeypatch.setattr(trainer.fit, "compiled_step", lambda: lambda *a: (compiled_calls.append(1), real(*a))[1])

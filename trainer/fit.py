@@ -108,7 +108,7 @@ def heads_matter(cfg: Config, epoch: int) -> bool:
     return bool(cfg.heads.exits) and any(balance(cfg.lambda_, e, epochs) > 0 for e in range(epoch, epochs))
 
 
-def step_loss(net: ShortcutNet, inputs: Tensor, y: Tensor, lam: float, heads: bool
+def step_loss(net: ShortcutNet, inputs: Tensor, y: Tensor, lam: Tensor, heads: bool
               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Main logits and the two parts of the shortcut loss of one training step (``heads=False``: the
     backbone alone). ``model.compile`` compiles this whole: forward, loss and, through AOTAutograd, the
@@ -120,11 +120,12 @@ def step_loss(net: ShortcutNet, inputs: Tensor, y: Tensor, lam: float, heads: bo
 @cache
 def compiled_step() -> Callable:
     """``step_loss`` compiled, once per process: the net is an argument, so the trials of a worker reuse
-    the code for every model of the same shape (lambda is a symbolic float: no recompiles), and
+    the code for every model of the same shape (lambda is a tensor: its values never recompile), and
     inductor's cache in ``~/.cache/snn-search/inductor`` (or ``TORCHINDUCTOR_CACHE_DIR``) starts later
-    processes warm."""
+    processes warm. Static shapes: a ragged last batch compiles once more, and inductor's dynamic-shape
+    path, which failed on this step (``cannot determine truth value of Relational``), is never taken."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "snn-search" / "inductor"))
-    return torch.compile(step_loss)
+    return torch.compile(step_loss, dynamic=False)
 
 
 def compiles(cfg: Config, device: torch.device) -> bool:
@@ -180,6 +181,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     stopped = False
     for epoch in bar:
         lam = balance(cfg.lambda_, epoch, epochs) if cfg.heads.exits else 0.0
+        lam_t = torch.tensor(lam, device=device)  # a tensor: a compiled step takes any value without recompiling
         heads_on = heads_matter(cfg, epoch)
         lr = optimizer.param_groups[0]["lr"]
         net.train()
@@ -197,7 +199,7 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
             with flow if measured else nullcontext(), _autocast(device, cfg.optim.amp):
                 if measured:
                     flow.capture = split
-                main, main_part, head_part = run(net, encode(x, cfg.data.timesteps, cfg.data.encoding), y, lam,
+                main, main_part, head_part = run(net, encode(x, cfg.data.timesteps, cfg.data.encoding), y, lam_t,
                                                  heads_on)
                 loss = main_part if head_part is None else main_part + head_part
             optimizer.zero_grad(set_to_none=True)

@@ -48,7 +48,8 @@ def balance(cfg: LambdaConfig, epoch: int, epochs: int) -> float:
     raise ValueError(f"unknown lambda schedule {cfg.schedule!r}")
 
 
-def shortcut_parts(main: Tensor, heads: list[Tensor], target: Tensor, lam: float) -> tuple[Tensor, Tensor | None]:
+def shortcut_parts(main: Tensor, heads: list[Tensor], target: Tensor, lam: float | Tensor
+                   ) -> tuple[Tensor, Tensor | None]:
     """The two parts of the shortcut loss: (1 - lam) * CE(main) and lam * mean CE(heads) (None without
     heads, when the first part is plain CE(main)).
 
