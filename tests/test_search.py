@@ -2,11 +2,8 @@
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -26,8 +23,6 @@ from search.space import load_space
 from trainer.config import load
 from trainer.data import load_data
 from trainer.fit import evaluate
-
-from conftest import ROOT
 
 BASE = """
 base:
