@@ -33,8 +33,7 @@ def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: b
     for i in range(steps + 1):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        _, main_part, head_part = fn(net, x, y, lam, heads)
-        (main_part if head_part is None else main_part + head_part).backward()
+        fn(net, x, y, lam, heads)[1].backward()
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()

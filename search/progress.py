@@ -12,12 +12,11 @@ import time
 from typing import TextIO
 
 import optuna
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from search.budget import is_baseline
-from search.study import FINISHED, baseline
+from search.study import FINISHED, baseline, select
 from trainer.fit import EpochReport
 
 
@@ -94,11 +93,11 @@ class TrialLine:
             line += " (baseline: the base config without heads)"
         elif reference is not None and trial.value is not None:
             line += f" ({trial.value - reference.value:+.4g} vs. baseline)"
-        searched = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_baseline(t)]
-        if searched and single:
-            best = (max if study.direction == StudyDirection.MAXIMIZE else min)(searched, key=lambda t: t.value)
-            line += f" | best={_fmt(best.value)} (trial {best.number})"
-        elif searched:
-            line += f" | pareto front: {len(study.best_trials)} trials"
+        try:  # the trials export and report would pick: full-length, never the baseline
+            chosen = select(study, pareto=not single)
+            line += f" | best={_fmt(chosen[0].value)} (trial {chosen[0].number})" if single else \
+                f" | pareto front: {len(chosen)} trials"
+        except ValueError:  # no full-length trial yet
+            pass
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
         print(f"{line} | {done} finished | {params}", file=self.out or sys.stdout, flush=True)

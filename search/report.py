@@ -77,8 +77,8 @@ def _first_flow(trial: FrozenTrial) -> dict[str, float]:
 def _gradient_flow(best: FrozenTrial, reference: FrozenTrial | None) -> go.Figure:
     fig = go.Figure()
     for trial, label in ((best, "best"), (reference, "baseline")):
-        if trial is not None and _first_flow(trial):
-            flow = _first_flow(trial)
+        flow = _first_flow(trial) if trial is not None else {}
+        if flow:
             fig.add_trace(go.Bar(x=list(flow), y=list(flow.values()), name=f"{label} (trial {trial.number})"))
     return fig.update_layout(yaxis_type="log", yaxis_title="mean |dL/dx| at the LIF input, first epoch",
                              xaxis_title="LIF layer, input side first", barmode="group")
@@ -187,11 +187,24 @@ def sections(study: optuna.Study) -> list[Section]:
     return out
 
 
-def render(study: optuna.Study) -> str:
+@dataclass
+class Report:
+    """The summary and the sections of a study, computed once (parameter importances take seconds), then
+    written as HTML and into the study for the dashboard."""
+
+    rows: list[tuple[str, str]]
+    sections: list[Section]
+
+
+def build(study: optuna.Study) -> Report:
+    return Report(summary(study), sections(study))
+
+
+def render(study: optuna.Study, report: Report) -> str:
     rows = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                   for k, v in summary(study))
+                   for k, v in report.rows)
     parts = []
-    for i, s in enumerate(sections(study)):
+    for i, s in enumerate(report.sections):
         body = s.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig{i}") if s.figure else ""
         parts.append(f"<section><h2>{html.escape(s.title)}</h2><p>{html.escape(s.says)}</p>{body}</section>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(study.study_name)}</title>"
@@ -199,16 +212,15 @@ def render(study: optuna.Study) -> str:
             f"<h1>Study {html.escape(study.study_name)}</h1><table>{rows}</table>{''.join(parts)}</body></html>")
 
 
-def publish(study: optuna.Study) -> None:
+def publish(study: optuna.Study, report: Report) -> None:
     """The summary as the study's note and the SNN figures as its plotly graph objects, so a user who only
     opens optuna-dashboard sees them (each overwrites its previous version)."""
     import optuna_dashboard
 
-    found = sections(study)
-    lines = [f"**{k}**: {v}" for k, v in summary(study)]
-    lines += [f"- **{s.title}**: {s.says}" for s in found if s.dashboard or s.figure is None]
+    lines = [f"**{k}**: {v}" for k, v in report.rows]
+    lines += [f"- **{s.title}**: {s.says}" for s in report.sections if s.dashboard or s.figure is None]
     optuna_dashboard.save_note(study, "\n\n".join(lines))
-    for i, s in enumerate(s for s in found if s.dashboard):
+    for i, s in enumerate(s for s in report.sections if s.dashboard):
         s.figure.update_layout(title=s.title)
         optuna_dashboard.save_plotly_graph_object(study, s.figure, graph_object_id=f"snn{i}")
 
@@ -228,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or study_dir(url, args.study) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(study))
-    publish(study)
+    report = build(study)
+    out.write_text(render(study, report))
+    publish(study, report)
     print(out)
     return 0
 

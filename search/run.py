@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if len(worker_devices) > 1 and code:
         return code
-    from search.report import publish
+    from search.report import build, publish
 
-    publish(study)  # the summary and the SNN figures, for optuna-dashboard
+    publish(study, build(study))  # the summary and the SNN figures, for optuna-dashboard
     name = space.study.name
     dashboard = url.removeprefix("journal:")  # optuna-dashboard reads a journal file by its path
     artifacts = study.user_attrs["artifacts"]

@@ -174,6 +174,11 @@ def _mnist(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     return _tensor_bundle(cfg, prep(train), train.targets, prep(test), test.targets, 10, device, seed)
 
 
+def _workers(cfg: DataConfig) -> int:
+    """DataLoader workers: ``num_workers``, or min(8, cores) when it is not set."""
+    return min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
+
+
 def _loader_bundle(
     cfg: DataConfig, splits: tuple[tuple[Dataset, Tensor], ...], num_classes: int, in_channels: int, seed: int
 ) -> DataBundle:
@@ -182,7 +187,6 @@ def _loader_bundle(
     each epoch (not persistent), so ``start_epoch`` fixes both the order and the workers' augmentation
     draws: a persistent worker's random state would carry over from the epochs before a resume."""
     shuffle, workers = torch.Generator(), torch.Generator()
-    num_workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
 
     def loader(ds: Dataset, idx: Tensor, train: bool) -> DataLoader | None:
         if not len(idx):
@@ -192,7 +196,7 @@ def _loader_bundle(
             subset,
             batch_size=cfg.batch_size,
             sampler=RandomSampler(subset, generator=shuffle) if train else None,
-            num_workers=num_workers,
+            num_workers=_workers(cfg),
             pin_memory=torch.cuda.is_available(),
             generator=workers if train else torch.Generator().manual_seed(seed),
         )
@@ -263,8 +267,7 @@ def _dvs_frames(cfg: DataConfig, size: int) -> tuple[Tensor, Tensor]:
         return blob["x"], blob["y"]
     ds = tonic.datasets.CIFAR10DVS(cfg.root, transform=_Frames(cfg.timesteps, size))
     print(f"binning {len(ds)} CIFAR10-DVS recordings into {cfg.timesteps} frames, once -> {path}", flush=True)
-    workers = min(8, os.cpu_count() or 1) if cfg.num_workers is None else cfg.num_workers
-    batches = list(DataLoader(ds, batch_size=64, num_workers=workers))
+    batches = list(DataLoader(ds, batch_size=64, num_workers=_workers(cfg)))
     x, y = torch.cat([b[0] for b in batches]), torch.cat([torch.as_tensor(b[1]) for b in batches])
     tmp = path.with_suffix(".tmp")
     torch.save({"x": x, "y": y}, tmp)

@@ -58,8 +58,8 @@ class GradFlow:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [name for name, m in model.named_modules() if isinstance(m, LIF)]
-        self.modules = [m for m in model.modules() if isinstance(m, LIF)]
+        lifs = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
+        self.layers, self.modules = [name for name, _ in lifs], [m for _, m in lifs]
         self.capture = False  # keep this step's LIF inputs in ``inputs`` (for the split's autograd.grad)
         self.inputs: list[torch.Tensor] = []
         self.total: dict[str | None, torch.Tensor] = {}

@@ -109,12 +109,13 @@ def heads_matter(cfg: Config, epoch: int) -> bool:
 
 
 def step_loss(net: ShortcutNet, inputs: Tensor, y: Tensor, lam: Tensor, heads: bool
-              ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Main logits and the two parts of the shortcut loss of one training step (``heads=False``: the
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Main logits, the shortcut loss and its two parts of one training step (``heads=False``: the
     backbone alone). ``model.compile`` compiles this whole: forward, loss and, through AOTAutograd, the
     backward."""
     main, outs = net(inputs) if heads else (net.backbone(inputs), [])
-    return (main, *shortcut_parts(main, outs, y, lam))
+    main_part, head_part = shortcut_parts(main, outs, y, lam)
+    return main, main_part if head_part is None else main_part + head_part, main_part, head_part
 
 
 @cache
@@ -199,9 +200,8 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
             with flow if measured else nullcontext(), _autocast(device, cfg.optim.amp):
                 if measured:
                     flow.capture = split
-                main, main_part, head_part = run(net, encode(x, cfg.data.timesteps, cfg.data.encoding), y, lam_t,
-                                                 heads_on)
-                loss = main_part if head_part is None else main_part + head_part
+                main, loss, main_part, head_part = run(net, encode(x, cfg.data.timesteps, cfg.data.encoding), y,
+                                                       lam_t, heads_on)
             optimizer.zero_grad(set_to_none=True)
             if split:
                 flow.measure_parts({"main": main_part, "heads": head_part})
