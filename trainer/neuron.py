@@ -81,22 +81,26 @@ def lif_loop(
     return torch.stack(spikes).to(x.dtype)
 
 
-def _simulate(x: Tensor, decay: float, threshold: float, hard: bool) -> tuple[list[Tensor], list[Tensor]]:
-    """Spikes and charges h per timestep, without autograd, in float32 at least: under bf16 autocast a
-    bf16 membrane would lose the small charges that decide whether a neuron fires."""
-    v = torch.zeros_like(x[0], dtype=_state_dtype(x))
-    spikes, charges = [], []
+def _simulate(x: Tensor, decay: float, threshold: float, hard: bool, charges: Tensor | None = None) -> Tensor:
+    """Spikes [T, ...] without autograd, in float32 at least (under bf16 autocast a bf16 membrane would lose
+    the small charges that decide whether a neuron fires); the charges h_t go into ``charges`` if given.
+    Three float ops a timestep, each writing in place: small layers are bound by per-op overhead (CPU
+    dispatch, GPU launches), on CPU a comparison that makes bools costs 3x one that writes floats, and
+    every fresh [T, ...] block costs page faults."""
+    s = torch.empty_like(x, dtype=_state_dtype(x))
+    v = torch.zeros_like(s[0])
     for t in range(x.shape[0]):
-        h = decay * v + x[t].to(v.dtype)
-        s = (h >= threshold).to(v.dtype)
-        v = h * (1 - s) if hard else h - threshold * s
-        spikes.append(s)
-        charges.append(h)
-    return spikes, charges
+        h = torch.add(x[t], v, alpha=decay, out=v if charges is None else charges[t])  # x_t + decay * v_{t-1}
+        torch.ge(h, threshold, out=s[t])
+        if hard:
+            torch.addcmul(h, h, s[t], value=-1, out=v)  # h * (1 - s)
+        else:
+            torch.sub(h, s[t], alpha=threshold, out=v)
+    return s
 
 
 def _forward_loop(x: Tensor, decay: float, threshold: float, hard: bool) -> Tensor:
-    return torch.stack(_simulate(x, decay, threshold, hard)[0]).to(x.dtype)  # spikes are 0/1 in any dtype
+    return _simulate(x, decay, threshold, hard).to(x.dtype)  # spikes are 0/1 in any dtype
 
 
 def _backward_loop(
@@ -109,20 +113,21 @@ def _backward_loop(
     surrogate: Surrogate,
     alpha: float,
 ) -> Tensor:
-    """Gradient w.r.t. x; the charges are recomputed from x rather than saved (one write fewer)."""
-    spikes, h = _simulate(x, decay, threshold, hard)
-    grad_x = []
-    grad_v = torch.zeros_like(x[0])
-    for t in range(x.shape[0] - 1, -1, -1):
-        sg = surrogate_grad(h[t] - threshold, surrogate, alpha)
-        if hard:
-            dv_dh = 1 - spikes[t] if detach_reset else 1 - spikes[t] - h[t] * sg
-        else:
-            dv_dh = torch.ones_like(sg) if detach_reset else 1 - threshold * sg
-        grad_h = grad_s[t].to(sg.dtype) * sg + grad_v * dv_dh
-        grad_x.append(grad_h)
-        grad_v = grad_h * decay
-    return torch.stack(grad_x[::-1]).to(x.dtype)
+    """Gradient w.r.t. x; the charges are recomputed from x rather than saved (one write fewer). All but the
+    recurrence runs on the whole [T, ...] block at once; the recurrence is one fused op a timestep:
+    dL/dh_t = dL/ds_t * sg_t + decay * dv_t/dh_t * dL/dh_{t+1}."""
+    h = torch.empty_like(x, dtype=_state_dtype(x))
+    s = _simulate(x, decay, threshold, hard, h)
+    sg = surrogate_grad(h - threshold, surrogate, alpha)
+    if hard:  # dv/dh = 1 - s, minus h * sg through the reset; written over s, which is not needed after
+        carry = s.neg_().add_(1) if detach_reset else s.neg_().add_(1).addcmul_(h, sg, value=-1)
+    else:
+        carry = torch.ones_like(sg) if detach_reset else torch.mul(sg, -threshold).add_(1)
+    carry.mul_(decay)
+    grad_h = sg.mul_(grad_s)  # float32 at least, like the state
+    for t in range(x.shape[0] - 2, -1, -1):
+        grad_h[t].addcmul_(carry[t], grad_h[t + 1])
+    return grad_h.to(x.dtype)
 
 
 @cache
