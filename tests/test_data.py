@@ -249,3 +249,17 @@ def test_dataloader_batches_after_a_resume_equal_an_unbroken_runs_with_workers()
     unbroken, resumed = batches(2, range(2)), batches(2, [])
     assert torch.equal(unbroken, resumed)  # the order and the workers' draws
     assert not torch.equal(unbroken, batches(1, []))
+
+
+def test_an_epochs_seeds_are_the_same_in_every_process():
+    """A resumed run is a new process, whose str hashes are salted anew (PYTHONHASHSEED): the order and the
+    workers' draws of an epoch must not depend on them."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from trainer.data import DataBundle; b = DataBundle([], None, [], 10, 1, __import__('torch').Generator(), "
+            "seed=3); b.start_epoch(2); print(b.shuffle.initial_seed(), b.workers.initial_seed())")
+    seeds = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": salt}).stdout for salt in ("1", "2")}
+    assert len(seeds) == 1

@@ -54,7 +54,7 @@ class DataBundle:
     def start_epoch(self, epoch: int) -> None:
         """Seed this epoch's draws from (seed, epoch) alone, so a resumed run sees the same batches."""
         self.shuffle.manual_seed(hash((self.seed, epoch)))
-        self.workers.manual_seed(hash((self.seed, epoch, "workers")))
+        self.workers.manual_seed(hash((self.seed, epoch, 1)))  # ints only: str hashes differ per process
 
 
 class Augment:
