@@ -30,6 +30,7 @@ import torch
 from timing import time_ms
 
 from trainer.neuron import LIF, lif_loop
+from trainer.surrogate import ATan
 
 DECAY, THRESHOLD, ALPHA = 0.5, 1.0, 2.0
 
@@ -120,7 +121,7 @@ def main() -> None:
         grad = torch.ones_like(x)
         reference = {}
         for detach in (False, True):
-            s = lif_loop(x, DECAY, THRESHOLD, "hard", detach, "atan", ALPHA)
+            s = lif_loop(x, DECAY, THRESHOLD, "hard", detach, ATan(ALPHA))
             (g,) = torch.autograd.grad(s, x, grad)
             reference[detach] = (s.detach(), g)
         installed = {name: fn for name, (fn, _) in candidates.items() if fn}

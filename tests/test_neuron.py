@@ -3,9 +3,8 @@ import itertools
 import pytest
 import torch
 
-from trainer.neuron import LIF, LIFFunction, lif_loop, surrogate_grad
-
-SURROGATES = ["atan", "sigmoid", "rectangle", "triangle"]
+from trainer.neuron import LIF, LIFFunction, lif_loop
+from trainer.surrogate import SURROGATES, make
 
 
 @pytest.mark.parametrize(
@@ -15,7 +14,7 @@ def test_fused_equals_reference_loop(reset, detach, surrogate):
     torch.manual_seed(0)
     x = torch.randn(7, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(7, 3, 4, 5, dtype=torch.float64)
-    args = (0.3, 0.5, reset, detach, surrogate, 1.7)
+    args = (0.3, 0.5, reset, detach, make(surrogate, 1.7))
     ref = lif_loop(x, *args)
     (ref_grad,) = torch.autograd.grad(ref, x, grad_out)
     fused = LIFFunction.apply(x, *args, False)
@@ -50,12 +49,12 @@ def test_dynamics_by_hand():
     assert soft == [0, 1, 1, 0, 1, 1]
 
 
-@pytest.mark.parametrize("surrogate", SURROGATES)
+@pytest.mark.parametrize("surrogate", list(SURROGATES))
 @pytest.mark.parametrize("alpha", [0.5, 2.0, 4.0])
 def test_surrogate_integrates_to_one_and_peaks_at_threshold(surrogate, alpha):
     """Each surrogate is the derivative of a smooth step from 0 to 1."""
     xs = torch.linspace(-200, 200, 2_000_001, dtype=torch.float64)
-    g = surrogate_grad(xs, surrogate, alpha)
+    g = make(surrogate, alpha).grad(xs)
     area = torch.trapezoid(g, xs).item()
     assert area == pytest.approx(1.0, abs=6e-3)  # atan's 1/x^2 tails leave ~4e-3 outside +-200
     assert g.argmax().item() in range(len(xs) // 2 - 20, len(xs) // 2 + 20) or surrogate == "rectangle"
@@ -114,3 +113,9 @@ def test_sampled_thresholds_and_alphas_do_not_recompile(monkeypatch):
         lif = LIF(decay=0.2 + 0.01 * i, threshold=0.3 + 0.05 * i, alpha=1 + 0.1 * i, compile=True)
         lif(x).sum().backward()
     assert counter.frame_count == 2  # the forward loop and the backward loop, once each
+
+
+def test_an_unknown_surrogate_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"unknown surrogate 'relu' \(allowed: atan, sigmoid, rectangle, triangle\)"):
+        LIF(surrogate="relu")
+    assert repr(LIF(surrogate="triangle", alpha=2.0).surrogate) == "triangle(alpha=2.0)"

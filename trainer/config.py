@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from trainer.neuron import Reset, Surrogate
+from trainer.neuron import Reset
+from trainer.surrogate import Name as Surrogate
 
 
 class ConfigError(ValueError):

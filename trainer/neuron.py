@@ -14,7 +14,6 @@ Two implementations compute the same function:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import cache
 from typing import Literal
@@ -22,37 +21,24 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-Surrogate = Literal["atan", "sigmoid", "rectangle", "triangle"]
+from trainer.surrogate import Name, Surrogate, make
+
 Reset = Literal["hard", "soft"]
-
-
-def surrogate_grad(x: Tensor, kind: Surrogate, alpha: float) -> Tensor:
-    """Derivative of the smooth stand-in for Heaviside(x); ``alpha`` sets sharpness (or 1/width)."""
-    if kind == "atan":
-        return alpha / 2 / (1 + (math.pi / 2 * alpha * x) ** 2)
-    if kind == "sigmoid":
-        sg = torch.sigmoid(alpha * x)
-        return alpha * sg * (1 - sg)
-    if kind == "rectangle":
-        return (x.abs() < 0.5 / alpha).to(x.dtype) * alpha
-    if kind == "triangle":
-        return (alpha - alpha * alpha * x.abs()).clamp(min=0)
-    raise ValueError(f"unknown surrogate {kind!r} (allowed: atan, sigmoid, rectangle, triangle)")
 
 
 class SpikeFn(torch.autograd.Function):
     """Heaviside forward, surrogate derivative backward (used by the reference loop)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, kind: Surrogate, alpha: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, surrogate: Surrogate) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
-        ctx.kind, ctx.alpha = kind, alpha
+        ctx.surrogate = surrogate
         return (x >= 0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad * surrogate_grad(x, ctx.kind, ctx.alpha), None, None
+        return grad * ctx.surrogate.grad(x), None
 
 
 def _state_dtype(x: Tensor) -> torch.dtype:
@@ -67,14 +53,13 @@ def lif_loop(
     reset: Reset,
     detach_reset: bool,
     surrogate: Surrogate,
-    alpha: float,
 ) -> Tensor:
     """Reference LIF: one autograd step per timestep (membrane in float32 at least, like the fused path)."""
     v = torch.zeros_like(x[0], dtype=_state_dtype(x))
     spikes = []
     for t in range(x.shape[0]):
         h = decay * v + x[t].to(v.dtype)
-        s = SpikeFn.apply(h - threshold, surrogate, alpha)
+        s = SpikeFn.apply(h - threshold, surrogate)
         s_reset = s.detach() if detach_reset else s
         v = h * (1 - s_reset) if reset == "hard" else h - threshold * s_reset
         spikes.append(s)
@@ -111,14 +96,13 @@ def _backward_loop(
     hard: bool,
     detach_reset: bool,
     surrogate: Surrogate,
-    alpha: float,
 ) -> Tensor:
     """Gradient w.r.t. x; the charges are recomputed from x rather than saved (one write fewer). All but the
     recurrence runs on the whole [T, ...] block at once; the recurrence is one fused op a timestep:
     dL/dh_t = dL/ds_t * sg_t + decay * dv_t/dh_t * dL/dh_{t+1}."""
     h = torch.empty_like(x, dtype=_state_dtype(x))
     s = _simulate(x, decay, threshold, hard, h)
-    sg = surrogate_grad(h - threshold, surrogate, alpha)
+    sg = surrogate.grad(h - threshold)
     if hard:  # dv/dh = 1 - s, minus h * sg through the reset; written over s, which is not needed after
         carry = s.neg_().add_(1) if detach_reset else s.neg_().add_(1).addcmul_(h, sg, value=-1)
     else:
@@ -142,11 +126,11 @@ class LIFFunction(torch.autograd.Function):
     """LIF over all timesteps with a hand-written backward through time."""
 
     @staticmethod
-    def forward(ctx, x, decay, threshold, reset, detach_reset, surrogate, alpha, compile_):  # type: ignore[override]
+    def forward(ctx, x, decay, threshold, reset, detach_reset, surrogate, compile_):  # type: ignore[override]
         fwd = _compiled(_forward_loop) if compile_ else _forward_loop
         spikes = fwd(x, decay, threshold, reset == "hard")
         ctx.save_for_backward(x)
-        ctx.args = (decay, threshold, reset == "hard", detach_reset, surrogate, alpha)
+        ctx.args = (decay, threshold, reset == "hard", detach_reset, surrogate)
         ctx.compile_ = compile_
         return spikes
 
@@ -154,7 +138,7 @@ class LIFFunction(torch.autograd.Function):
     def backward(ctx, grad_s):  # type: ignore[override]
         (x,) = ctx.saved_tensors
         bwd = _compiled(_backward_loop) if ctx.compile_ else _backward_loop
-        return (bwd(grad_s.contiguous(), x, *ctx.args),) + (None,) * 7
+        return (bwd(grad_s.contiguous(), x, *ctx.args),) + (None,) * 6
 
 
 class LIF(nn.Module):
@@ -166,18 +150,18 @@ class LIF(nn.Module):
         threshold: float = 0.5,
         reset: Reset = "hard",
         detach_reset: bool = False,
-        surrogate: Surrogate = "rectangle",
+        surrogate: Name = "rectangle",
         alpha: float = 1.0,
         backend: Literal["fused", "loop"] = "fused",
         compile: bool = False,
     ) -> None:
         super().__init__()
         self.decay, self.threshold, self.reset = decay, threshold, reset
-        self.detach_reset, self.surrogate, self.alpha = detach_reset, surrogate, alpha
+        self.detach_reset, self.surrogate = detach_reset, make(surrogate, alpha)
         self.backend, self.compile = backend, compile
 
     def forward(self, x: Tensor) -> Tensor:
-        args = (self.decay, self.threshold, self.reset, self.detach_reset, self.surrogate, self.alpha)
+        args = (self.decay, self.threshold, self.reset, self.detach_reset, self.surrogate)
         if self.backend == "loop":
             return lif_loop(x, *args)
         return LIFFunction.apply(x, *args, self.compile)
@@ -185,5 +169,5 @@ class LIF(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"decay={self.decay}, threshold={self.threshold}, reset={self.reset}, "
-            f"surrogate={self.surrogate}, alpha={self.alpha}, backend={self.backend}"
+            f"surrogate={self.surrogate}, backend={self.backend}"
         )
