@@ -51,3 +51,15 @@ def test_shortcut_loss_weights_main_and_mean_of_heads():
     torch.testing.assert_close(shortcut_loss(main, [], y, 0.3), F.cross_entropy(main, y))
     low = shortcut_loss(main.bfloat16(), [h1.bfloat16(), h2.bfloat16()], y, 0.3)
     assert low.dtype == torch.float32
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_schedule_ends_exactly_at_end_and_the_config_lists_them_all(schedule):
+    """At the end lambda is ``end`` itself: 0.925 + (0 - 0.925) * 1 left -1e-17 and a printed -0.000."""
+    from typing import get_args
+
+    from trainer.schedule import SCHEDULES as REGISTRY
+
+    cfg = LambdaConfig(schedule=schedule, start=0.925, end=0.0, fraction=0.25, steps=3)
+    assert [balance(cfg, e, 8) for e in (0, 2, 7)] == [0.925, 0.0, 0.0]
+    assert set(get_args(LambdaConfig.model_fields["schedule"].annotation)) == set(REGISTRY)

@@ -5,18 +5,19 @@ lambda moves the loss weight from the shortcut heads to the main output over tra
     loss = (1 - lambda) * CE(main) + lambda * mean_k CE(head_k)
 
 Progress p runs from 0 at the first epoch to 1 at epoch ``fraction * (epochs - 1)``, then stays 1.
-Each schedule maps p to a value between ``start`` (p=0) and ``end`` (p=1):
+Each schedule is a share f(p) of the way from ``start`` to ``end``, lambda = start (1 - f) + end f:
 
-- constant:     start, always (``end`` is ignored)
-- linear:       start + (end - start) * p
-- cosine:       end + (start - end) * (1 + cos(pi * p)) / 2
-- exponential:  end + (start - end) * (exp(-rate * p) - exp(-rate)) / (1 - exp(-rate))
-- step:         start + (end - start) * floor(p * steps) / steps   (``steps`` equal drops)
+- constant:     f = 0 (``end`` is ignored)
+- linear:       f = p
+- cosine:       f = (1 - cos(pi * p)) / 2
+- exponential:  f = (1 - exp(-rate * p)) / (1 - exp(-rate))
+- step:         f = floor(p * steps) / steps   (``steps`` equal drops)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,22 +31,21 @@ def progress(epoch: int, epochs: int, fraction: float) -> float:
     return 1.0 if span <= 0 else min(1.0, epoch / span)
 
 
+# Each schedule's share f(p) of the way from start to end, 0 at p = 0 and 1 at p = 1 (constant: none of it).
+SCHEDULES: dict[str, Callable[[float, LambdaConfig], float]] = {
+    "constant": lambda p, cfg: 0.0,
+    "linear": lambda p, cfg: p,
+    "cosine": lambda p, cfg: (1 - math.cos(math.pi * p)) / 2,
+    "exponential": lambda p, cfg: (1 - math.exp(-cfg.rate * p)) / (1 - math.exp(-cfg.rate)),
+    "step": lambda p, cfg: math.floor(p * cfg.steps) / cfg.steps,
+}
+
+
 def balance(cfg: LambdaConfig, epoch: int, epochs: int) -> float:
-    """lambda for a 0-based ``epoch`` of ``epochs``."""
-    p = progress(epoch, epochs, cfg.fraction)
-    start, end = cfg.start, cfg.end
-    if cfg.schedule == "constant":
-        return start
-    if cfg.schedule == "linear":
-        return start + (end - start) * p
-    if cfg.schedule == "cosine":
-        return end + (start - end) * (1 + math.cos(math.pi * p)) / 2
-    if cfg.schedule == "exponential":
-        r = cfg.rate
-        return end + (start - end) * (math.exp(-r * p) - math.exp(-r)) / (1 - math.exp(-r))
-    if cfg.schedule == "step":
-        return start + (end - start) * math.floor(p * cfg.steps) / cfg.steps
-    raise ValueError(f"unknown lambda schedule {cfg.schedule!r}")
+    """lambda for a 0-based ``epoch`` of ``epochs``: exactly ``start`` at f = 0 and ``end`` at f = 1 (never
+    a rounding error past them, such as -1e-17 for an end of 0)."""
+    f = SCHEDULES[cfg.schedule](progress(epoch, epochs, cfg.fraction), cfg)
+    return cfg.start * (1 - f) + cfg.end * f
 
 
 def shortcut_parts(main: Tensor, heads: list[Tensor], target: Tensor, lam: float | Tensor
