@@ -26,6 +26,9 @@ from search.trial import Outcome, TrialRecord, directories, keep_artifacts, requ
 from trainer.fit import EpochReport
 
 
+POLL = 1.0  # seconds between a waiting worker's looks at the others' trials: it exits within a second of them
+
+
 def _others_running(study: optuna.Study) -> bool:
     """Other workers' trials still RUNNING, where heartbeats can tell whether their worker died."""
     return heartbeat_enabled(study._storage) and bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
@@ -69,7 +72,7 @@ class Worker:
             if trial is None:
                 if not _others_running(study):
                     break
-                time.sleep(self.storage.get_heartbeat_interval())  # they finish, or go stale and are queued
+                time.sleep(POLL)  # they finish, or go stale and are queued
                 continue
             if not announced:
                 pruner = s.pruner + ("" if s.pruner == "none" else f" from epoch {self.space.min_epochs()}")

@@ -300,3 +300,25 @@ def test_a_new_trial_never_resumes_from_files_of_an_earlier_study_of_the_same_na
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "1"]) == 0
     trial = trials(url)[0]
     assert trial.user_attrs["starts"] == [0] and len(trial.user_attrs["history"]) == 2
+
+
+def test_a_worker_with_nothing_left_exits_a_poll_after_the_others_trials_end(tmp_path, monkeypatch):
+    """It waits for the other workers' running trials (to resume them should their worker die), but looks
+    every POLL seconds, not every heartbeat: at the end of ``make run`` it used to idle up to 10 s."""
+    from search import optuna_backend
+
+    url = f"sqlite:///{tmp_path}/d.db"
+    space = load_space(space_file(tmp_path, study=", heartbeat: 10, n_trials: 1"), [], None)
+    storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
+    worker = optuna_backend.Worker(space, storage, url, tmp_path / "durable")
+    other = worker.study.ask()  # another worker's trial, running: it fills the budget of 1
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        worker.study.tell(other, 0.5)  # the other worker finishes while this one waits
+
+    monkeypatch.setattr(optuna_backend.time, "sleep", sleep)
+    worker.run(timeout=None)
+    assert sleeps == [optuna_backend.POLL] and optuna_backend.POLL < space.study.heartbeat
+    assert [t.state for t in worker.study.get_trials()] == [TrialState.COMPLETE]
