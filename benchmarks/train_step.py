@@ -1,7 +1,7 @@
 """One training step, eager vs. compiled (``model.compile``), with and without shortcut heads, per architecture.
 
     python benchmarks/train_step.py [--config configs/digits.yaml] [--archs resnet20 resnet18] [--batch 32]
-                                    [--timesteps 4] [--size 8] [--steps 20] [--device auto]
+                                    [--timesteps 4] [--size 8] [--steps 20] [--device auto] [--set KEY=VALUE]
 
 A step is ``trainer.fit.step_loss`` (forward, shortcut loss) plus backward and an AdamW update, on
 random images of ``--size`` pixels (8: the digits default), for the config's net without heads and
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, help="first-stage channels (default: the arch's)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the config, e.g. --set heads.hidden=0 (the spaces' pool + linear heads)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     compiled = torch.compile(step_loss, dynamic=False)  # as trainer.fit.compiled_step
@@ -58,9 +60,9 @@ def main() -> None:
     print("| arch | heads | eager ms/step | compiled ms/step | compiled / eager | first compiled step, s |")
     print("|---|---|---|---|---|---|")
     for arch in args.archs:
-        cfg = load(args.config, [f"model.arch={arch}", "neuron.compile=never", "heads.exits=[]"]
+        cfg = load(args.config, args.overrides + [f"model.arch={arch}", "neuron.compile=never", "heads.exits=[]"]
                    + ([f"model.width={args.width}"] if args.width else []))
-        wanted = load(args.config).heads
+        wanted = load(args.config, args.overrides).heads
         for heads in (False, True):
             torch.manual_seed(0)
             neuron = make_neuron(cfg.neuron, cuda=False)

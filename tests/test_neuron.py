@@ -3,6 +3,7 @@ import itertools
 import pytest
 import torch
 
+from trainer import neuron
 from trainer.neuron import LIF, LIFFunction, lif_loop
 from trainer.surrogate import SURROGATES, make
 
@@ -22,6 +23,11 @@ def test_fused_equals_reference_loop(reset, detach, surrogate):
     assert ref.sum() > 0 and (ref == 0).any()  # the inputs actually cross the threshold
     assert torch.equal(ref, fused)
     torch.testing.assert_close(fused_grad, ref_grad, rtol=1e-12, atol=1e-12)
+    # the per-timestep loops that torch.compile traces, run eagerly
+    traced = neuron._forward_loop(x.detach(), 0.3, 0.5, reset == "hard")
+    traced_grad = neuron._backward_loop(grad_out, x.detach(), *args[:2], reset == "hard", *args[3:])
+    assert torch.equal(ref, traced)
+    torch.testing.assert_close(traced_grad, ref_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_compiled_path_equals_eager():
@@ -100,8 +106,6 @@ def test_bf16_inputs_keep_a_float32_membrane(backend):
 def test_sampled_thresholds_and_alphas_do_not_recompile(monkeypatch):
     """A search samples a new threshold and alpha per trial; the compiled loops stay one graph each."""
     import torch._dynamo.testing
-
-    import trainer.neuron as neuron
 
     counter = torch._dynamo.testing.CompileCounter()
     compiled = {}

@@ -8,8 +8,11 @@ Layout is [T, B, ...]. Dynamics per timestep t (v starts at 0):
 
 Two implementations compute the same function:
 - ``lif_loop``: a plain per-timestep loop differentiated by autograd (the reference).
-- ``LIFFunction``: forward and backward written out over time, saving only the input x; its two loops are
-  compiled with ``torch.compile`` when ``compile=True`` (the fused path) and run eagerly otherwise.
+- ``LIFFunction``: forward and backward written out over time, saving only the input x. Its loops come
+  twice: per-timestep functional steps (``_forward_loop``, ``_backward_loop``), which ``torch.compile``
+  fuses into one kernel each (``compile=True``, or inside a compiled training step), and the same
+  arithmetic for eager runs (``_forward_eager``, ``_backward_eager``): in place, the surrogate over all
+  timesteps at once, a few ops a timestep.
 """
 
 from __future__ import annotations
@@ -66,42 +69,71 @@ def lif_loop(
     return torch.stack(spikes).to(x.dtype)
 
 
-def _simulate(x: Tensor, decay: float, threshold: float, hard: bool, charges: Tensor | None = None) -> Tensor:
-    """Spikes [T, ...] without autograd, in float32 at least (under bf16 autocast a bf16 membrane would lose
-    the small charges that decide whether a neuron fires); the charges h_t go into ``charges`` if given.
-    Three float ops a timestep, each writing in place: small layers are bound by per-op overhead (CPU
-    dispatch, GPU launches), on CPU a comparison that makes bools costs 3x one that writes floats, and
-    every fresh [T, ...] block costs page faults."""
-    s = torch.empty_like(x, dtype=_state_dtype(x))
-    v = torch.zeros_like(s[0])
+def _steps(x: Tensor, decay: float, threshold: float, hard: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Spikes and charges h per timestep, without autograd, in float32 at least: under bf16 autocast a
+    bf16 membrane would lose the small charges that decide whether a neuron fires."""
+    v = torch.zeros_like(x[0], dtype=_state_dtype(x))
+    spikes, charges = [], []
     for t in range(x.shape[0]):
-        h = torch.add(x[t], v, alpha=decay, out=v if charges is None else charges[t])  # x_t + decay * v_{t-1}
-        torch.ge(h, threshold, out=s[t])
-        if hard:
-            torch.addcmul(h, h, s[t], value=-1, out=v)  # h * (1 - s)
-        else:
-            torch.sub(h, s[t], alpha=threshold, out=v)
-    return s
+        h = decay * v + x[t].to(v.dtype)
+        s = (h >= threshold).to(v.dtype)
+        v = h * (1 - s) if hard else h - threshold * s
+        spikes.append(s)
+        charges.append(h)
+    return spikes, charges
 
 
 def _forward_loop(x: Tensor, decay: float, threshold: float, hard: bool) -> Tensor:
-    return _simulate(x, decay, threshold, hard).to(x.dtype)  # spikes are 0/1 in any dtype
+    return torch.stack(_steps(x, decay, threshold, hard)[0]).to(x.dtype)  # spikes are 0/1 in any dtype
 
 
 def _backward_loop(
-    grad_s: Tensor,
-    x: Tensor,
-    decay: float,
-    threshold: float,
-    hard: bool,
-    detach_reset: bool,
-    surrogate: Surrogate,
+    grad_s: Tensor, x: Tensor, decay: float, threshold: float, hard: bool, detach_reset: bool, surrogate: Surrogate
 ) -> Tensor:
-    """Gradient w.r.t. x; the charges are recomputed from x rather than saved (one write fewer). All but the
-    recurrence runs on the whole [T, ...] block at once; the recurrence is one fused op a timestep:
-    dL/dh_t = dL/ds_t * sg_t + decay * dv_t/dh_t * dL/dh_{t+1}."""
-    h = torch.empty_like(x, dtype=_state_dtype(x))
-    s = _simulate(x, decay, threshold, hard, h)
+    """Gradient w.r.t. x; the charges are recomputed from x rather than saved (one write fewer)."""
+    spikes, h = _steps(x, decay, threshold, hard)
+    grad_x = []
+    grad_v = torch.zeros_like(x[0])
+    for t in range(x.shape[0] - 1, -1, -1):
+        sg = surrogate.grad(h[t] - threshold)
+        if hard:
+            dv_dh = 1 - spikes[t] if detach_reset else 1 - spikes[t] - h[t] * sg
+        else:
+            dv_dh = torch.ones_like(sg) if detach_reset else 1 - threshold * sg
+        grad_h = grad_s[t].to(sg.dtype) * sg + grad_v * dv_dh
+        grad_x.append(grad_h)
+        grad_v = grad_h * decay
+    return torch.stack(grad_x[::-1]).to(x.dtype)
+
+
+def _simulate(x: Tensor, decay: float, threshold: float, hard: bool, charges: bool = False
+              ) -> tuple[Tensor, Tensor | None]:
+    """``_steps`` for eager runs: spikes and (with ``charges``) charges [T, ...] from three float ops a
+    timestep, each writing in place. Small layers are bound by per-op overhead (CPU dispatch, GPU
+    launches), and on CPU a comparison that makes bools costs 3x one that writes floats."""
+    s = torch.empty_like(x, dtype=_state_dtype(x))
+    h = torch.empty_like(s) if charges else None
+    v = torch.zeros_like(s[0])
+    for t in range(x.shape[0]):
+        ht = torch.add(x[t], v, alpha=decay, out=v if h is None else h[t])  # x_t + decay * v_{t-1}
+        torch.ge(ht, threshold, out=s[t])
+        if hard:
+            torch.addcmul(ht, ht, s[t], value=-1, out=v)  # h * (1 - s)
+        else:
+            torch.sub(ht, s[t], alpha=threshold, out=v)
+    return s, h
+
+
+def _forward_eager(x: Tensor, decay: float, threshold: float, hard: bool) -> Tensor:
+    return _simulate(x, decay, threshold, hard)[0].to(x.dtype)
+
+
+def _backward_eager(
+    grad_s: Tensor, x: Tensor, decay: float, threshold: float, hard: bool, detach_reset: bool, surrogate: Surrogate
+) -> Tensor:
+    """``_backward_loop`` for eager runs: the surrogate and reset terms on the whole [T, ...] block at once,
+    then the recurrence dL/dh_t = dL/ds_t * sg_t + decay * dv_t/dh_t * dL/dh_{t+1}, one op a timestep."""
+    s, h = _simulate(x, decay, threshold, hard, charges=True)
     sg = surrogate.grad(h - threshold)
     if hard:  # dv/dh = 1 - s, minus h * sg through the reset; written over s, which is not needed after
         carry = s.neg_().add_(1) if detach_reset else s.neg_().add_(1).addcmul_(h, sg, value=-1)
@@ -122,12 +154,20 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=True)
 
 
+def _pick(loop: Callable, eager: Callable, compile_: bool) -> Callable:
+    """The per-timestep loop where ``torch.compile`` traces it (it fuses the loop into one kernel; the eager
+    version's writes into slices of a buffer would trace to copies of it), the eager version elsewhere."""
+    if compile_:
+        return _compiled(loop)
+    return loop if torch.compiler.is_compiling() else eager  # is_compiling: inside model.compile's step
+
+
 class LIFFunction(torch.autograd.Function):
     """LIF over all timesteps with a hand-written backward through time."""
 
     @staticmethod
     def forward(ctx, x, decay, threshold, reset, detach_reset, surrogate, compile_):  # type: ignore[override]
-        fwd = _compiled(_forward_loop) if compile_ else _forward_loop
+        fwd = _pick(_forward_loop, _forward_eager, compile_)
         spikes = fwd(x, decay, threshold, reset == "hard")
         ctx.save_for_backward(x)
         ctx.args = (decay, threshold, reset == "hard", detach_reset, surrogate)
@@ -137,7 +177,7 @@ class LIFFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_s):  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        bwd = _compiled(_backward_loop) if ctx.compile_ else _backward_loop
+        bwd = _pick(_backward_loop, _backward_eager, ctx.compile_)
         return (bwd(grad_s.contiguous(), x, *ctx.args),) + (None,) * 6
 
 

@@ -15,7 +15,8 @@ from torch import Tensor
 
 
 class Surrogate:
-    """``grad(x)``: the surrogate derivative at ``x`` = membrane charge minus threshold, a new tensor."""
+    """``grad(x)``: the surrogate derivative at ``x`` = membrane charge minus threshold, a new tensor (each
+    allocates one and works in place on it: a fresh [T, ...] block costs page faults on CPU)."""
 
     name: ClassVar[str]
 
@@ -35,7 +36,7 @@ class ATan(Surrogate):
     name = "atan"
 
     def grad(self, x: Tensor) -> Tensor:
-        return self.alpha / 2 / (1 + (math.pi / 2 * self.alpha * x) ** 2)
+        return (x * (math.pi / 2 * self.alpha)).square_().add_(1).reciprocal_().mul_(self.alpha / 2)
 
 
 class Sigmoid(Surrogate):
@@ -44,8 +45,8 @@ class Sigmoid(Surrogate):
     name = "sigmoid"
 
     def grad(self, x: Tensor) -> Tensor:
-        sg = torch.sigmoid(self.alpha * x)
-        return sg * (1 - sg) * self.alpha
+        sg = (x * self.alpha).sigmoid_()
+        return sg.addcmul_(sg, sg, value=-1).mul_(self.alpha)  # sg (1 - sg) alpha
 
 
 class Rectangle(Surrogate):
@@ -54,8 +55,8 @@ class Rectangle(Surrogate):
     name = "rectangle"
 
     def grad(self, x: Tensor) -> Tensor:
-        out = torch.empty_like(x)
-        torch.lt(x.abs(), 0.5 / self.alpha, out=out)  # float out: on CPU 3x cheaper than a bool tensor
+        out = x.abs()
+        torch.lt(out, 0.5 / self.alpha, out=out)  # float out: on CPU 3x cheaper than a bool tensor
         return out.mul_(self.alpha)
 
 
@@ -65,7 +66,7 @@ class Triangle(Surrogate):
     name = "triangle"
 
     def grad(self, x: Tensor) -> Tensor:
-        return (self.alpha - self.alpha * self.alpha * x.abs()).clamp_(min=0)
+        return x.abs().mul_(-self.alpha * self.alpha).add_(self.alpha).clamp_(min=0)
 
 
 SURROGATES: dict[str, type[Surrogate]] = {cls.name: cls for cls in (ATan, Sigmoid, Rectangle, Triangle)}
