@@ -1,13 +1,16 @@
 """One training step, eager vs. compiled (``model.compile``), with and without shortcut heads, per architecture.
 
     python benchmarks/train_step.py [--config configs/digits.yaml] [--archs resnet20 resnet18] [--batch 32]
-                                    [--timesteps 4] [--size 8] [--steps 20] [--device auto] [--set KEY=VALUE]
+                                    [--timesteps 4] [--size 8] [--steps 20] [--rounds 5] [--device auto]
+                                    [--set KEY=VALUE]
 
 A step is ``trainer.fit.step_loss`` (forward, shortcut loss) plus backward and an AdamW update, on
 random images of ``--size`` pixels (8: the digits default), for the config's net without heads and
 with its heads (its exits that the arch has, its head design). The first compiled call's time is the
-compilation (warm or cold: it depends on inductor's cache in ~/.cache/snn-search/inductor). Prints
-ms per step (median of ``--steps``) and compiled / eager.
+compilation (warm or cold: it depends on inductor's cache in ~/.cache/snn-search/inductor). Eager and
+compiled steps then take turns for ``--rounds`` rounds of ``--steps`` steps, so drift in machine speed
+cancels out: each time is the median over rounds of a round's median step, and compiled / eager the
+median over rounds of the two within one round.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from trainer.models import block_exits, build_backbone, make_neuron
 
 
 def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: bool, steps: int,
-                device: torch.device) -> tuple[float, float]:
-    """(seconds of the first step, median ms of the next ``steps``)."""
+                device: torch.device) -> list[float]:
+    """Seconds of each of ``steps`` training steps."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     lam = torch.tensor(0.5, device=device)
     times = []
-    for i in range(steps + 1):
+    for _ in range(steps):
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         fn(net, x, y, lam, heads)[1].backward()
@@ -38,7 +41,7 @@ def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: b
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return times[0], statistics.median(times[1:]) * 1000
+    return times
 
 
 def main() -> None:
@@ -49,7 +52,8 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=4)
     parser.add_argument("--size", type=int, default=8)
     parser.add_argument("--width", type=int, help="first-stage channels (default: the arch's)")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5, help="eager and compiled take turns, a round each")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the config, e.g. --set heads.hidden=0 (the spaces' pool + linear heads)")
@@ -71,10 +75,12 @@ def main() -> None:
             net = ShortcutNet(backbone, exits, 10, neuron, wanted.hidden).to(device)
             x = torch.rand(args.timesteps, args.batch, 1, args.size, args.size, device=device)
             y = torch.randint(0, 10, (args.batch,), device=device)
-            _, eager = timed_steps(step_loss, net, x, y, heads, args.steps, device)
-            first, fast = timed_steps(compiled, net, x, y, heads, args.steps, device)
-            print(f"| {arch} | {len(exits)} | {eager:.1f} | {fast:.1f} | {fast / eager:.2f} | {first:.0f} |",
-                  flush=True)
+            (first,) = timed_steps(compiled, net, x, y, heads, 1, device)  # compiles
+            rounds = [[statistics.median(timed_steps(fn, net, x, y, heads, args.steps, device)) * 1000
+                       for fn in (step_loss, compiled)] for _ in range(args.rounds)]
+            eager, fast = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+            ratio = statistics.median(c / e for e, c in rounds)
+            print(f"| {arch} | {len(exits)} | {eager:.1f} | {fast:.1f} | {ratio:.2f} | {first:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

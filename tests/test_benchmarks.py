@@ -83,6 +83,7 @@ def test_data_loading_compares_on_device_batches_with_the_dataloader() -> None:
 
 
 def test_train_step_benchmark_times_eager_and_compiled_steps() -> None:
-    (rows,) = bench("train_step.py", "--batch", "2", "--timesteps", "1", "--width", "4", "--steps", "1")
+    (rows,) = bench("train_step.py", "--batch", "2", "--timesteps", "1", "--width", "4", "--steps", "1",
+                    "--rounds", "1")
     assert [(r[0], r[1]) for r in rows] == [("resnet20", "0"), ("resnet20", "6")]  # digits config's six heads
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)

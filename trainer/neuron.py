@@ -108,14 +108,15 @@ def _backward_loop(
 
 def _simulate(x: Tensor, decay: float, threshold: float, hard: bool, charges: bool = False
               ) -> tuple[Tensor, Tensor | None]:
-    """``_steps`` for eager runs: spikes and (with ``charges``) charges [T, ...] from three float ops a
-    timestep, each writing in place. Small layers are bound by per-op overhead (CPU dispatch, GPU
+    """``_steps`` for eager runs, to the bit: spikes and (with ``charges``) charges [T, ...] from four float
+    ops a timestep, each writing in place. Small layers are bound by per-op overhead (CPU dispatch, GPU
     launches), and on CPU a comparison that makes bools costs 3x one that writes floats."""
     s = torch.empty_like(x, dtype=_state_dtype(x))
     h = torch.empty_like(s) if charges else None
     v = torch.zeros_like(s[0])
     for t in range(x.shape[0]):
-        ht = torch.add(x[t], v, alpha=decay, out=v if h is None else h[t])  # x_t + decay * v_{t-1}
+        # decay * v_{t-1} + x_t, rounded as ``_steps`` rounds it (a fused multiply-add can flip a spike)
+        ht = torch.mul(v, decay, out=v if h is None else h[t]).add_(x[t])
         torch.ge(ht, threshold, out=s[t])
         if hard:
             torch.addcmul(ht, ht, s[t], value=-1, out=v)  # h * (1 - s)
@@ -131,18 +132,18 @@ def _forward_eager(x: Tensor, decay: float, threshold: float, hard: bool) -> Ten
 def _backward_eager(
     grad_s: Tensor, x: Tensor, decay: float, threshold: float, hard: bool, detach_reset: bool, surrogate: Surrogate
 ) -> Tensor:
-    """``_backward_loop`` for eager runs: the surrogate and reset terms on the whole [T, ...] block at once,
-    then the recurrence dL/dh_t = dL/ds_t * sg_t + decay * dv_t/dh_t * dL/dh_{t+1}, one op a timestep."""
+    """``_backward_loop`` for eager runs, rounded as it rounds: the surrogate and dv/dh on the whole
+    [T, ...] block at once, then the recurrence dL/dh_t = dL/ds_t * sg_t + decay * dL/dh_{t+1} * dv_t/dh_t,
+    three ops a timestep."""
     s, h = _simulate(x, decay, threshold, hard, charges=True)
     sg = surrogate.grad(h - threshold)
-    if hard:  # dv/dh = 1 - s, minus h * sg through the reset; written over s, which is not needed after
-        carry = s.neg_().add_(1) if detach_reset else s.neg_().add_(1).addcmul_(h, sg, value=-1)
+    if hard:  # dv/dh = 1 - s, minus h * sg through the reset; written over s (and h), not needed after
+        dv_dh = s.neg_().add_(1) if detach_reset else s.neg_().add_(1).sub_(h.mul_(sg))
     else:
-        carry = torch.ones_like(sg) if detach_reset else torch.mul(sg, -threshold).add_(1)
-    carry.mul_(decay)
+        dv_dh = torch.ones_like(sg) if detach_reset else torch.mul(sg, -threshold).add_(1)
     grad_h = sg.mul_(grad_s)  # float32 at least, like the state
-    for t in range(x.shape[0] - 2, -1, -1):
-        grad_h[t].addcmul_(carry[t], grad_h[t + 1])
+    for t in range(x.shape[0] - 2, -1, -1):  # no fused multiply-adds: they round otherwise
+        grad_h[t].add_(torch.mul(grad_h[t + 1], decay, out=h[t]).mul_(dv_dh[t]))  # h[t]: a spare slot now
     return grad_h.to(x.dtype)
 
 
