@@ -302,6 +302,7 @@ def test_a_new_trial_never_resumes_from_files_of_an_earlier_study_of_the_same_na
     assert trial.user_attrs["starts"] == [0] and len(trial.user_attrs["history"]) == 2
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the stand-in other worker asks directly
 def test_a_worker_with_nothing_left_exits_a_poll_after_the_others_trials_end(tmp_path, monkeypatch):
     """It waits for the other workers' running trials (to resume them should their worker die), but looks
     every POLL seconds, not every heartbeat: at the end of ``make run`` it used to idle up to 10 s."""
