@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.neuron import Reset
-from trainer.surrogate import Name as Surrogate
+from trainer.surrogate import Name as SurrogateName
 
 
 class ConfigError(ValueError):
@@ -54,7 +54,7 @@ class NeuronConfig(Section):
     threshold: float = Field(0.5, gt=0)
     reset: Reset = "hard"
     detach_reset: bool = False
-    surrogate: Surrogate = "rectangle"
+    surrogate: SurrogateName = "rectangle"
     alpha: float = Field(1.0, gt=0)
     backend: Literal["fused", "loop"] = "fused"
     compile: Literal["auto", "always", "never"] = "auto"
