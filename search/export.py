@@ -1,6 +1,6 @@
 """Export the best trial(s) of a study as trainer configs.
 
-    python search/export.py --study NAME [--storage URL] [--top-k K | --pareto] [--out DIR]
+    snn-search export --study NAME [--storage URL] [--top-k K | --pareto] [--out DIR]
 
 Writes ``studies/<name>/best.yaml`` (and ``trial_<n>.yaml`` for each of the top-k / Pareto trials): a
 trainer config with a ``provenance`` section (study, storage, trial, values, params, ``final`` overrides)
@@ -14,20 +14,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import datetime
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
+import optuna
+import yaml
+from optuna.artifacts import download_artifact, get_all_artifact_meta
+from optuna.trial import FrozenTrial
 
-import optuna  # noqa: E402
-import yaml  # noqa: E402
-from optuna.artifacts import download_artifact, get_all_artifact_meta  # noqa: E402
-from optuna.trial import FrozenTrial  # noqa: E402
-
-from search.storage import artifact_store, default_url, study_dir  # noqa: E402
-from search.study import load_study, select  # noqa: E402
-from trainer.checkpoint import MODEL_FILE  # noqa: E402
+from search.storage import artifact_store, default_url, study_dir
+from search.study import load_study, select
+from trainer.checkpoint import MODEL_FILE
+from trainer.errors import Parser, UserError, command
 
 
 def exported(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> dict:
@@ -74,24 +71,23 @@ def export(study_name: str, storage_url: str, out_dir: Path, top_k: int = 1, par
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python search/export.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(prog: str = "snn-search export") -> Parser:
+    parser = Parser(prog=prog, description=__doc__)
     parser.add_argument("--study", required=True)
     parser.add_argument("--storage", help="default: sqlite:///studies/<study>.db")
     parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--pareto", action="store_true", help="all Pareto-optimal trials (multi-objective)")
     parser.add_argument("--out", type=Path, help="default: the study's folder, studies/<study>/")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     url = args.storage or default_url(args.study)
-    try:
-        if args.top_k < 1:
-            raise ValueError(f"--top-k: must be >= 1 (got {args.top_k})")
-        paths = export(args.study, url, args.out or study_dir(url, args.study), args.top_k, args.pareto)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
+    if args.top_k < 1:
+        raise UserError(f"--top-k: must be >= 1 (got {args.top_k})")
+    for path in export(args.study, url, args.out or study_dir(url, args.study), args.top_k, args.pareto):
         print(path)
     return 0
 

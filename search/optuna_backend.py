@@ -18,7 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.budget import Heartbeat, ask_within, claim_worker, is_baseline
 from search.progress import EpochProgress, TrialLine
-from search.samplers import Grid, make_pruner, make_sampler
+from search.pruners import make_pruner
+from search.samplers import Grid, make_sampler
 from search.space import Space, suggest
 from search.storage import artifact_store, fail_stale, heartbeat_enabled, study_dir
 from search.study import BASELINE, create_study

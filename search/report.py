@@ -1,4 +1,4 @@
-"""Did the heads help? One report per study: ``python search/report.py --study NAME [--storage URL]``.
+"""Did the heads help? One report per study: ``snn-search report --study NAME [--storage URL]``.
 
 A summary (best config and value, gain over the baseline trial, epochs spent against running every
 trial at full length, trials by state), then figures that each say in a sentence what they show: the
@@ -14,26 +14,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import html
+import warnings
+from dataclasses import dataclass
 
-import argparse  # noqa: E402
-import html  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+from plotly.colors import DEFAULT_PLOTLY_COLORS
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
 
-import optuna  # noqa: E402
-import plotly.graph_objects as go  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
-from plotly.colors import DEFAULT_PLOTLY_COLORS  # noqa: E402
-from plotly.offline import get_plotlyjs  # noqa: E402
-from plotly.subplots import make_subplots  # noqa: E402
-
-from search.budget import is_baseline  # noqa: E402
-from search.storage import default_url, study_dir  # noqa: E402
-from search.study import baseline, is_full, load_study, select  # noqa: E402
-from trainer.config import Config  # noqa: E402
-from trainer.schedule import balance  # noqa: E402
+from search.budget import is_baseline
+from search.storage import default_url, study_dir
+from search.study import baseline, is_full, load_study, select
+from trainer.config import Config
+from trainer.errors import Parser, command
+from trainer.schedule import balance
 
 
 @dataclass
@@ -225,19 +222,19 @@ def publish(study: optuna.Study, report: Report) -> None:
         optuna_dashboard.save_plotly_graph_object(study, s.figure, graph_object_id=f"snn{i}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python search/report.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(prog: str = "snn-search report") -> Parser:
+    parser = Parser(prog=prog, description=__doc__)
     parser.add_argument("--study", required=True)
     parser.add_argument("--storage", help="default: sqlite:///studies/<study>.db")
     parser.add_argument("--out", type=Path, help="default: studies/<study>/report.html")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     url = args.storage or default_url(args.study)
-    try:
-        study = load_study(args.study, url)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    study = load_study(args.study, url)
     out = args.out or study_dir(url, args.study) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = build(study)

@@ -1,4 +1,4 @@
-"""Retrain an exported config into the final model: ``python search/retrain.py studies/<name>/best.yaml``.
+"""Retrain an exported config into the final model: ``snn-search retrain studies/<name>/best.yaml``.
 
 Applies the study's ``final`` overrides (from the file's provenance: the base's full ``optim.epochs``
 unless the space said otherwise), then any ``--set``. Trains on training + validation data (the
@@ -13,15 +13,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import json
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-from trainer.config import ConfigError, build, parse_override, read_yaml, set_dotted, with_values  # noqa: E402
-from trainer.fit import fit  # noqa: E402
-from trainer.heads import UnknownExitError  # noqa: E402
+from trainer.config import ConfigError, build, parse_override, read_yaml, set_dotted, with_values
+from trainer.fit import fit
+from trainer.errors import Parser, command
 
 
 def final_config(path: Path, overrides: list[str], out_dir: Path):
@@ -36,23 +32,23 @@ def final_config(path: Path, overrides: list[str], out_dir: Path):
     return build(data, str(path))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python search/retrain.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path, help="an exported config (search/export.py)")
+def make_parser(prog: str = "snn-search retrain") -> Parser:
+    parser = Parser(prog=prog, description=__doc__)
+    parser.add_argument("config", type=Path, help="an exported config (snn-search export)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="default: <config dir>/retrain")
-    args = parser.parse_args(argv)
+    return parser
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
     out_dir = args.out or args.config.parent / "retrain"
-    try:
-        cfg = final_config(args.config, args.overrides, out_dir)
-        data = "train + validation" if cfg.data.val_fraction == 0 else f"train ({cfg.data.val_fraction:g} held out)"
-        print(f"retraining {args.config} for {cfg.optim.epochs} epochs on {cfg.data.name} {data}; the test set "
-              f"is evaluated once, at the end -> {out_dir}", flush=True)
-        result = fit(cfg, progress=True)
-    except (ConfigError, UnknownExitError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = final_config(args.config, args.overrides, out_dir)
+    data = "train + validation" if cfg.data.val_fraction == 0 else f"train ({cfg.data.val_fraction:g} held out)"
+    print(f"retraining {args.config} for {cfg.optim.epochs} epochs on {cfg.data.name} {data}; the test set "
+          f"is evaluated once, at the end -> {out_dir}", flush=True)
+    result = fit(cfg, progress=True)
     metrics = {**result.history[-1].metrics, **result.test, "epochs": len(result.history),
                "model": str(result.model_path)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,4 +1,4 @@
-"""Run a search space: ``python search/run.py --space spaces/lambda_decay.yaml``.
+"""Run a search space: ``snn-search run --space spaces/lambda_decay.yaml`` (or ``python search/run.py``).
 
 Re-running the same command resumes the study: trials that a killed or interrupted worker left behind
 continue from their last finished epoch, and the study is topped up to ``study.n_trials`` trials.
@@ -7,16 +7,13 @@ Bad input exits with code 2 and a one-line error before the study is touched; Ct
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-import argparse  # noqa: E402
-
-from search.space import Space, SpaceError, load_space  # noqa: E402
-from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir  # noqa: E402
+from search.space import Space, load_space
+from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir
+from trainer.errors import Parser, UserError, command
 
 
 def lengths(space: Space) -> str:
@@ -28,9 +25,8 @@ def lengths(space: Space) -> str:
             f"validation")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python search/run.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(prog: str = "snn-search run") -> Parser:
+    parser = Parser(prog=prog, description=__doc__)
     parser.add_argument("--space", required=True, help="space YAML file (see spaces/)")
     parser.add_argument("--storage", help="SQLAlchemy URL or journal:FILE.log (default: study.storage, "
                         "else sqlite:///studies/<name>.db)")
@@ -55,37 +51,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ray.add_argument("--cpus-per-trial", type=float, default=1)
     ray.add_argument("--gpus-per-trial", type=float, default=0, help="fractions share a GPU, e.g. 0.25")
     ray.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
-    return parser.parse_args(argv)
+    return parser
 
 
+def check(args: argparse.Namespace) -> Space:
+    """The space with the flags applied; every bad flag or file raises a one-line ``UserError``."""
+    space = load_space(args.space, args.overrides, args.base)
+    if args.study_name is not None:
+        if not args.study_name.replace("-", "_").isidentifier():
+            raise UserError(f"--study-name: {args.study_name!r}: letters, digits, '_' or '-'")
+        space.study.name = args.study_name
+    if args.n_trials is not None and args.n_trials < 1:
+        raise UserError(f"--n-trials: must be >= 1 (got {args.n_trials})")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers: must be >= 1 (got {args.workers})")
+    if args.backend == "ray" and (args.workers or args.devices):
+        raise UserError("--workers/--devices: for the optuna backend (Ray: --max-concurrent, --gpus-per-trial)")
+    return space
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    try:
-        space = load_space(args.space, args.overrides, args.base)
-        if args.study_name is not None:
-            if not args.study_name.replace("-", "_").isidentifier():
-                raise SpaceError(f"--study-name: {args.study_name!r}: letters, digits, '_' or '-'")
-            space.study.name = args.study_name
-        if args.n_trials is not None and args.n_trials < 1:
-            raise SpaceError(f"--n-trials: must be >= 1 (got {args.n_trials})")
-        if args.workers is not None and args.workers < 1:
-            raise SpaceError(f"--workers: must be >= 1 (got {args.workers})")
-        if args.backend == "ray" and (args.workers or args.devices):
-            raise SpaceError("--workers/--devices: for the optuna backend (Ray: --max-concurrent, --gpus-per-trial)")
-        from search.workers import devices
+    args = make_parser().parse_args(argv)
+    space = check(args)
+    from search.workers import devices
 
-        worker_devices = devices(args.devices, args.workers) if args.workers or args.devices else []
-        url = args.storage or space.study.storage or default_url(space.study.name)
-        root = args.study_dir or study_dir(url, space.study.name)
-        storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
-        artifact_store(artifact_location(space.study.artifacts, root))  # a missing package fails here
-    except (SpaceError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    worker_devices = devices(args.devices, args.workers) if args.workers or args.devices else []
+    url = args.storage or space.study.storage or default_url(space.study.name)
+    root = args.study_dir or study_dir(url, space.study.name)
+    storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
+    artifact_store(artifact_location(space.study.artifacts, root))  # a missing package fails here
     space.study.n_trials = args.n_trials or space.study.n_trials  # the budget; TPE sizes its start-up by it
     timeout = args.timeout or space.study.timeout
-    from search.study import StudyMismatchError, create_study
+    from search.study import create_study
 
     if args.worker_index is not None:
         import optuna
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             from search.workers import launch
 
             study = create_study(space, storage, root)  # once, before the workers: creation races in SQLite
-            code = launch(argv, worker_devices)
+            code = launch(args, worker_devices)
         elif args.backend == "ray":
             from search.ray_backend import run as run_ray
 
@@ -112,9 +110,6 @@ def main(argv: list[str] | None = None) -> int:
                 space.base = {**space.base, "run": {**space.base.get("run", {}), "device": worker_devices[0]}}
             tag = "" if args.worker_index is None else f"w{args.worker_index} "
             study = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
-    except StudyMismatchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
         return 130
@@ -131,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if "://" not in artifacts:  # the dashboard's command line serves folders only
         dashboard += f" --artifact-dir {artifacts}"
     print(f"done. browse: optuna-dashboard {dashboard}  (the study's note and figures say what the heads did)\n"
-          f"export: python search/export.py --study {name} --storage {url}\n"
-          f"report: python search/report.py --study {name} --storage {url}", flush=True)
+          f"export: snn-search export --study {name} --storage {url}\n"
+          f"report: snn-search report --study {name} --storage {url}", flush=True)
     return 0
 
 

@@ -1,9 +1,9 @@
-"""Samplers and pruners by name (``study.sampler``, ``study.pruner``): name -> factory registries.
+"""Samplers by name (``study.sampler``): a name -> factory registry (pruners: ``search/pruners.py``).
 
 Each worker passes its own seed (``worker_seed``), so workers on one study never draw the same
 start-up trials. TPE runs with ``constant_liar``: while other trials run, it treats them as bad
 results at their params and samples elsewhere (with one worker nothing runs meanwhile, so nothing
-changes). Pruners count steps in epochs trained and never stop a trial before ``min_epochs``.
+changes).
 """
 
 from __future__ import annotations
@@ -77,18 +77,3 @@ SAMPLERS: dict[str, Callable[[Space, int | None], BaseSampler]] = {
 
 def make_sampler(space: Space, worker: int = 0) -> BaseSampler:
     return SAMPLERS[space.study.sampler](space, worker_seed(space.study.seed, worker))
-
-
-PRUNERS: dict[str, Callable[[int, int], optuna.pruners.BasePruner]] = {  # (min_epochs, epochs) -> pruner
-    "median": lambda first, epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first),
-    "hyperband": lambda first, epochs: optuna.pruners.HyperbandPruner(
-        min_resource=first, max_resource=epochs, reduction_factor=3),
-    "successive_halving": lambda first, epochs: optuna.pruners.SuccessiveHalvingPruner(
-        min_resource=first, reduction_factor=3),
-    "none": lambda first, epochs: optuna.pruners.NopPruner(),
-}
-
-
-def make_pruner(space: Space) -> optuna.pruners.BasePruner:
-    """Steps are epochs trained; no pruner decides before ``space.min_epochs()`` of them."""
-    return PRUNERS[space.study.pruner](space.min_epochs(), space.config({}).optim.epochs)

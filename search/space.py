@@ -25,12 +25,12 @@ from typing import Any
 
 import optuna
 
-from search.samplers import PRUNERS, SAMPLERS, grid
+from search.metrics import METRICS
+from search.pruners import PRUNERS
+from search.samplers import SAMPLERS, grid
+from trainer.errors import UserError
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
 
-# energy: µJ per sample from synaptic operations (trainer/energy.py); sops: synaptic operations per sample
-METRICS = {"val_acc": "maximize", "val_loss": "minimize", "energy": "minimize", "sops": "minimize",
-           "spike_rate": "minimize", "train_time": "minimize"}
 TYPES = ("float", "int", "categorical", "subset")
 STUDY_KEYS = ("name", "direction", "metric", "sampler", "pruner", "min_epochs", "n_trials", "timeout", "seed",
               "storage", "heartbeat", "max_retry", "artifacts", "baseline")
@@ -42,7 +42,7 @@ PARAM_KEYS = {
 }
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A bad space file; the message is one line."""
 
 
@@ -122,7 +122,7 @@ def _parse_study(path: Path, raw: Any) -> Study:
     for m in metrics:
         if m not in METRICS:
             raise _err(path, "study.metric", f"unknown metric {m!r} (allowed: {', '.join(METRICS)})")
-    directions = _as_list(raw.get("direction", [METRICS[m] for m in metrics]))
+    directions = _as_list(raw.get("direction", [METRICS[m].direction for m in metrics]))
     if len(directions) != len(metrics) or any(d not in ("maximize", "minimize") for d in directions):
         raise _err(path, "study.direction", f"need one of maximize, minimize per metric ({len(metrics)})")
     study = Study(raw["name"], metrics, directions)

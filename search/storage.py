@@ -29,6 +29,8 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from trainer.errors import UserError
+
 STUDIES_DIR = Path("studies")
 
 
@@ -99,11 +101,11 @@ def open_storage(url: str, heartbeat: int = 10, max_retry: int | None = 2) -> op
                 path.parent.mkdir(parents=True, exist_ok=True)
                 return HeartbeatJournalStorage(path, heartbeat, retry)
             except OSError as err:
-                raise ValueError(f"storage {url}: cannot open the journal file ({err.strerror})") from None
+                raise UserError(f"storage {url}: cannot open the journal file ({err.strerror})") from None
         try:
             parsed = make_url(url)
         except ArgumentError:
-            raise ValueError(f"storage {url!r}: not an SQLAlchemy URL or a journal file (journal:path.log)") from None
+            raise UserError(f"storage {url!r}: not an SQLAlchemy URL or a journal file (journal:path.log)") from None
         storage_timeout, grace = timeouts(heartbeat)
         backend = parsed.get_backend_name()
         if backend == "sqlite" and parsed.database:
@@ -117,7 +119,7 @@ def open_storage(url: str, heartbeat: int = 10, max_retry: int | None = 2) -> op
             except (SQLAlchemyError, ImportError) as err:
                 if attempt == 2 or isinstance(err, ImportError):
                     reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-                    raise ValueError(f"storage {url}: cannot open ({reason})") from None
+                    raise UserError(f"storage {url}: cannot open ({reason})") from None
                 time.sleep(0.5 * (attempt + 1))
 
 
@@ -162,6 +164,6 @@ def artifact_store(location: str) -> ArtifactStore:
         try:
             return ARTIFACT_STORES[url.scheme](url.netloc)
         except ImportError as err:
-            raise ValueError(f"study.artifacts {location}: needs the {err.name} package") from None
+            raise UserError(f"study.artifacts {location}: needs the {err.name} package") from None
     Path(location).mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(location)

@@ -14,6 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.budget import is_baseline
 from search.space import Space
 from search.storage import artifact_location, open_storage
+from trainer.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 BASELINE = {"heads.exits": []}  # the baseline trial's values: the base config, plain cross-entropy
@@ -29,7 +30,7 @@ PLACE_KEYS = ("base.run.device", "base.run.out_dir", "base.run.resume", "base.da
               "base.data.num_workers", "base.provenance")
 
 
-class StudyMismatchError(ValueError):
+class StudyMismatchError(UserError):
     """The stored study searches another setup (base config, parameters, metrics) than this run."""
 
 
@@ -103,11 +104,11 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path)
 def load_study(study_name: str, storage_url: str) -> optuna.Study:
     """An existing study; ValueError (one line) if the database or the study is missing."""
     if storage_url.startswith("sqlite:///") and not Path(storage_url.removeprefix("sqlite:///")).exists():
-        raise ValueError(f"storage {storage_url}: no such database file")
+        raise UserError(f"storage {storage_url}: no such database file")
     try:
         return optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     except KeyError:
-        raise ValueError(f"storage {storage_url}: no study named {study_name!r}") from None
+        raise UserError(f"storage {storage_url}: no study named {study_name!r}") from None
 
 
 def baseline(study: optuna.Study) -> FrozenTrial | None:
@@ -139,10 +140,10 @@ def select(study: optuna.Study, top_k: int = 1, pareto: bool = False) -> list[Fr
     """Full trials, best first: top-k for one objective, the Pareto front for several."""
     full = [t for t in study.get_trials(deepcopy=False) if is_full(t)]
     if not full:
-        raise ValueError(f"study {study.study_name!r} has no trial that completed all its epochs")
+        raise UserError(f"study {study.study_name!r} has no trial that completed all its epochs")
     if len(study.directions) > 1 or pareto:
         if len(study.directions) == 1:
-            raise ValueError("--pareto needs a multi-objective study")
+            raise UserError("--pareto needs a multi-objective study")
         front = [t for t in full if not any(dominates(o, t, study.directions) for o in full)]
         return sorted(front, key=lambda t: t.number)
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1

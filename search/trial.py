@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import traceback
 import warnings
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from search.budget import retry_history
+from search.metrics import METRICS, spike_rate
 from search.progress import EpochProgress
 from search.space import Space
 from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_history
@@ -39,16 +39,6 @@ from trainer.config import ConfigError
 from trainer.fit import EpochReport, fit
 
 CONFIG_FILE = "config.yaml"
-
-
-def metric(name: str, report: EpochReport, train_time: float) -> float:
-    """One study metric after an epoch; ``train_time`` is the seconds spent training so far."""
-    if name == "spike_rate":
-        rates = report.firing_rates.values()
-        return statistics.mean(rates) if rates else 0.0
-    if name == "train_time":
-        return train_time
-    return report.metrics[name]
 
 
 class TrialRecord:
@@ -71,8 +61,8 @@ class TrialRecord:
 
     def update(self, report: EpochReport) -> list[float]:
         train_time = sum(h["epoch_time"] for h in self.history) + report.metrics["epoch_time"]
-        self.values = [metric(m, report, train_time) for m in self.metrics]
-        self.history.append({**report.metrics, "spike_rate": metric("spike_rate", report, train_time)})
+        self.values = [METRICS[m].read(report, train_time) for m in self.metrics]
+        self.history.append({**report.metrics, "spike_rate": spike_rate(report)})
         self.grads.setdefault("first", report.grad_stats)
         self.grads["last"] = report.grad_stats
         if report.grad_flow:  # compact: one row of per-layer values per epoch

@@ -1,22 +1,25 @@
-"""Many local workers on one study: ``search/run.py --workers N [--devices cuda:0,cuda:1 | auto]``.
+"""Many local workers on one study: ``snn-search run --workers N [--devices cuda:0,cuda:1 | auto]``.
 
-Each worker is a ``search/run.py`` process of its own (its own sampler seed stream, heartbeat and trial
-directory), pinned to one device through ``run.device``. The children run in their own process
+Each worker is a ``python -m search.run`` process of its own (its own sampler seed stream, heartbeat and
+trial directory), pinned to one device through ``run.device``. The children run in their own process
 groups, so Ctrl-C reaches only this parent, which passes exactly one SIGINT to each: every worker
 queues its running trial again (it resumes from its last epoch on the next run) and exits.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-RUN = Path(__file__).resolve().with_name("run.py")
+from trainer.errors import UserError
+
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+PARENT_ONLY = ("workers", "devices", "worker_index")  # what each child must not inherit: it is one worker
+FLAGS = {"overrides": "--set"}  # dests whose flag is not --<dest with dashes>
 
 
 def devices(spec: str | None, workers: int | None) -> list[str]:
@@ -29,33 +32,32 @@ def devices(spec: str | None, workers: int | None) -> list[str]:
         names = [d.strip() for d in spec.split(",")]
         bad = [d for d in names if not DEVICE.match(d)]
         if bad:
-            raise ValueError(f"--devices: {bad[0]!r} is not a device (allowed: auto, cpu, cuda, cuda:N, comma-separated)")
+            raise UserError(f"--devices: {bad[0]!r} is not a device (allowed: auto, cpu, cuda, cuda:N, comma-separated)")
     else:
         names = ["auto"]
     count = workers or (len(names) if spec else 1)
     return [names[i % len(names)] for i in range(count)]
 
 
-def child_args(argv: list[str]) -> list[str]:
-    """``argv`` without ``--workers`` and ``--devices`` (each child is one worker)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--workers", "--devices"):
-            skip = True
-        elif not arg.startswith(("--workers=", "--devices=")):
-            out.append(arg)
-    return out
+def child_args(args: argparse.Namespace, index: int, device: str) -> list[str]:
+    """The command line of worker ``index`` on ``device``, built from the parent's parsed flags (never
+    from its raw argv, where an abbreviation or a repeated flag could slip through)."""
+    out: list[str] = []
+    for dest, value in vars(args).items():
+        if dest in PARENT_ONLY or value is None or value is False:
+            continue
+        flag = FLAGS.get(dest, "--" + dest.replace("_", "-"))
+        for item in value if isinstance(value, list) else [value]:
+            out += [flag] if value is True else [flag, str(item)]
+    return [*out, "--worker-index", str(index), "--set", f"run.device={device}"]
 
 
-def launch(argv: list[str], devices: list[str]) -> int:
+def launch(args: argparse.Namespace, devices: list[str]) -> int:
     """Run one worker per entry of ``devices`` until all end; the worst exit code (130 after Ctrl-C)."""
     cpu_workers = sum(d in ("cpu", "auto") for d in devices) or 1
     threads = str(max(1, (os.cpu_count() or 1) // cpu_workers))  # no oversubscribed cores
     procs = [
-        subprocess.Popen([sys.executable, str(RUN), *child_args(argv), "--worker-index", str(i),
-                          "--set", f"run.device={device}"],
+        subprocess.Popen([sys.executable, "-m", "search.run", *child_args(args, i, device)],
                          env={**os.environ, "OMP_NUM_THREADS": threads}, start_new_session=True)
         for i, device in enumerate(devices)
     ]

@@ -178,7 +178,7 @@ def test_trial_errors_fail_the_trial_and_the_grid_ends_cleanly(tmp_path, capsys)
     assert len(done) == 4
     failed = [t for t in done if t.state == TrialState.FAIL]
     assert {t.params["data.name"] for t in failed} == {"mnist"} and len(failed) == 2
-    assert all(t.user_attrs["fail_reason"].startswith("FileNotFoundError: mnist not found under") for t in failed)
+    assert all(t.user_attrs["fail_reason"].startswith("DataNotFoundError: mnist not found under") for t in failed)
     assert "Traceback" in (tmp_path / "durable" / "trials" / str(failed[0].number) / "error.txt").read_text()
     assert all(t.state == TrialState.COMPLETE for t in done if t.params["data.name"] == "digits")
 

@@ -17,7 +17,8 @@ from optuna.trial import TrialState
 from search import export as export_cli
 from search import retrain as retrain_cli
 from search import run as run_cli
-from search.samplers import make_pruner, make_sampler
+from search.pruners import make_pruner
+from search.samplers import make_sampler
 from search.study import dominates, select
 from search.space import load_space
 from trainer.config import load

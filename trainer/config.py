@@ -14,11 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trainer.errors import UserError
 from trainer.neuron import Reset
 from trainer.surrogate import Name as SurrogateName
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config file, key or value; the message is one line."""
 
 

@@ -29,8 +29,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from trainer.config import DataConfig
+from trainer.errors import UserError
 
 SPLIT_SEED = 0
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """A data set's files are not under ``data.root`` (and ``data.download`` is off)."""
 
 
 class Batches(Sized, Protocol):
@@ -279,7 +284,7 @@ def _cifar10dvs(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     """CIFAR10-DVS has no official split: 10% test, then ``val_fraction`` of the rest for validation. The
     frames are held on the training device like CIFAR's images."""
     if not cfg.download and not os.path.isdir(os.path.join(cfg.root, "CIFAR10DVS")):
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"CIFAR10-DVS not found under {cfg.root}/CIFAR10DVS (set data.download=true to fetch it)"
         )
     x, y = _dvs_frames(cfg, min(cfg.image_size, 128))
@@ -293,7 +298,7 @@ def load_data(cfg: DataConfig, device: torch.device, seed: int = 0) -> DataBundl
     except RuntimeError as err:  # torchvision's message names neither the folder nor our key
         if "Dataset not found" not in str(err):
             raise
-        raise FileNotFoundError(f"{cfg.name} not found under {cfg.root} (set data.download=true to fetch it, "
+        raise DataNotFoundError(f"{cfg.name} not found under {cfg.root} (set data.download=true to fetch it, "
                                 f"or data.root to where it is)") from None
 
 

@@ -21,12 +21,17 @@ from trainer.config import Config
 from trainer.data import Batches, encode, load_data
 from trainer.diagnostics import FiringRates, GradFlow, GradStats
 from trainer.energy import SynapticOps
+from trainer.errors import UserError
 from trainer.heads import ShortcutNet
 from trainer.models import build_backbone, make_neuron
 from trainer.schedule import balance, shortcut_parts
 
 
 SPLIT_STEPS = 8  # first-epoch steps whose LIF-input gradients are also measured per part of the loss
+
+
+class DeviceError(UserError, RuntimeError):
+    """``run.device`` names a GPU this machine does not have."""
 
 
 class DivergedError(RuntimeError):
@@ -68,7 +73,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise RuntimeError(f"run.device is {name!r} but {torch.cuda.device_count()} CUDA devices are visible")
+        raise DeviceError(f"run.device is {name!r} but {torch.cuda.device_count()} CUDA devices are visible "
+                        f"(allowed here: auto, cpu{''.join(f', cuda:{i}' for i in range(torch.cuda.device_count()))})")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # compiled kernels and autocast follow the current device
     return device

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from trainer.errors import UserError
 from trainer.models import NeuronFactory, SpikingResNet, time_distributed
 
 
-class UnknownExitError(ValueError):
-    pass
+class UnknownExitError(UserError):
+    """A head exit the model does not have."""
 
 
 class ShortcutHead(nn.Module):

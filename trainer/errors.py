@@ -1,0 +1,45 @@
+"""The one error contract of every command: bad input is a ``UserError``, printed as one line, exit 2.
+
+Each command's ``main`` is wrapped in ``command``, which catches ``UserError`` once; anything else is a
+bug and keeps its traceback. ``Parser`` is argparse with the same contract for bad flags (one line, no
+usage block) and without prefix matching (``--dev`` is not taken for ``--devices``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class UserError(ValueError):
+    """Bad input (a file, key, value, flag or missing resource); the message is one line naming it."""
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+Main = Callable[..., int]
+
+
+def command(main: Main) -> Main:
+    """``main(argv)`` that prints a ``UserError`` as ``error: <message>`` on stderr and returns 2."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 2
+
+    return run

@@ -1,0 +1,50 @@
+"""Name -> factory registries (timm's ``register_model`` shape): the config's allowed names are read from
+them, so adding an entry is one decorated function and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, Literal, TypeVar
+
+from trainer.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Entries by name, in the order they were registered."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        """Decorator: ``@DATASETS.register("digits")`` (default name: the function's)."""
+
+        def add(entry: T) -> T:
+            key = name or entry.__name__  # type: ignore[attr-defined]
+            if key in self._entries:
+                raise ValueError(f"{self.kind} {key!r} is registered twice")
+            self._entries[key] = entry
+            return entry
+
+        return add
+
+    def __getitem__(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UserError(f"unknown {self.kind} {name!r} (allowed: {', '.join(self._entries)})") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def literal(self) -> object:
+        """``Literal[...]`` of the registered names, for a pydantic field's allowed values."""
+        return Literal[self.names()]
