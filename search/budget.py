@@ -28,6 +28,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
+from search.retry import retry_history
 from search.storage import heartbeat_enabled
 
 log = logging.getLogger("search")
@@ -59,11 +60,6 @@ def budget_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def retry_history(trial: FrozenTrial) -> list[int]:
-    """Numbers of the earlier attempts of this trial, oldest first (Optuna's retry callback's record)."""
-    return trial.system_attrs.get("retry_history", [])
-
-
 def is_baseline(trial: FrozenTrial | optuna.Trial) -> bool:
     """The study's baseline trial: its base config without heads (``search/study.py``)."""
     return bool(trial.user_attrs.get("baseline"))
@@ -76,14 +72,18 @@ def used(trials: list[FrozenTrial]) -> int:
                for t in trials if not is_baseline(t))
 
 
+def remaining(trials: list[FrozenTrial], n_trials: int) -> int:
+    """Asks still to make: new trials under the budget plus the queued (WAITING) retries, which an ask
+    pops first and which cost nothing. Both backends start exactly this many more."""
+    return n_trials - used(trials) + sum(t.state == TrialState.WAITING for t in trials)
+
+
 def ask_within(
     study: optuna.Study, storage: optuna.storages.BaseStorage, url: str, n_trials: int
 ) -> optuna.Trial | None:
     """The next queued retry, or a new trial while the study is under budget (all workers together)."""
     with budget_lock(storage, url, study.study_name):
-        trials = study.get_trials(deepcopy=False)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and used(trials) >= n_trials:
+        if remaining(study.get_trials(deepcopy=False), n_trials) <= 0:
             return None
         with warnings.catch_warnings():  # Optuna warns that heartbeats expect study.optimize; see Heartbeat
             warnings.filterwarnings("ignore", message="Heartbeat of storage")

@@ -21,6 +21,7 @@ import yaml
 from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial
 
+from search import compat
 from search.storage import artifact_store, default_url, study_dir
 from search.study import load_study, select
 from trainer.checkpoint import MODEL_FILE
@@ -47,7 +48,7 @@ def copy_model(study: optuna.Study, trial: FrozenTrial, path: Path) -> bool:
     if "artifacts" not in study.user_attrs:  # a study from before artifacts
         return False
     store = artifact_store(study.user_attrs["artifacts"])
-    meta = next((m for m in get_all_artifact_meta(trial, storage=study._storage) if m.filename == MODEL_FILE), None)
+    meta = next((m for m in get_all_artifact_meta(trial, storage=compat.storage(study)) if m.filename == MODEL_FILE), None)
     if meta is None:
         return False
     path.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import compat
 from search.budget import Heartbeat, ask_within, claim_worker, is_baseline
 from search.progress import EpochProgress, TrialLine
 from search.pruners import make_pruner
@@ -23,7 +24,7 @@ from search.samplers import Grid, make_sampler
 from search.space import Space, suggest
 from search.storage import artifact_store, fail_stale, heartbeat_enabled, study_dir
 from search.study import BASELINE, create_study
-from search.trial import Outcome, TrialRecord, directories, keep_artifacts, requeue, run_trial
+from search.trial import Outcome, TrialRecord, directories, finish, run_trial
 from trainer.fit import EpochReport
 
 
@@ -32,7 +33,7 @@ POLL = 1.0  # seconds between a waiting worker's looks at the others' trials: it
 
 def _others_running(study: optuna.Study) -> bool:
     """Other workers' trials still RUNNING, where heartbeats can tell whether their worker died."""
-    return heartbeat_enabled(study._storage) and bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    return heartbeat_enabled(compat.storage(study)) and bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def _exhausted(study: optuna.Study) -> bool:
@@ -87,7 +88,7 @@ class Worker:
 
     def run_one(self, trial: optuna.Trial) -> FrozenTrial:
         study, single = self.study, len(self.space.study.metrics) == 1
-        frozen = study._storage.get_trial(trial._trial_id)
+        frozen = compat.frozen(study, trial)
         directory, earlier = directories(self.root, frozen)
         starts = frozen.user_attrs.get("starts", []) if earlier else []  # a retry inherits the original's attrs
         trial.set_user_attr("worker", self.name)
@@ -104,25 +105,15 @@ class Worker:
             if single and not reference and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {report.epoch + 1} epochs")
 
-        with Heartbeat(self.storage, trial._trial_id, trial.number):
+        with Heartbeat(self.storage, compat.trial_id(trial), trial.number):
             try:
                 outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs, starts)
             except KeyboardInterrupt:
-                trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); queued again")
-                requeue(study, study.tell(trial, state=TrialState.FAIL))
+                finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason="interrupted (Ctrl-C); queued again",
+                                             requeue=True), directory, self.artifacts)
                 self.say(f"trial {trial.number} interrupted: queued again, resumes from {directory / 'last.pt'}")
                 raise
-        return self.tell(trial, outcome, directory)
-
-    def tell(self, trial: optuna.Trial, outcome: Outcome, directory: Path) -> FrozenTrial:
-        for key, value in outcome.attrs.items():
-            trial.set_user_attr(key, value)
-        if outcome.fail_reason:
-            trial.set_user_attr("fail_reason", outcome.fail_reason)
-        if outcome.state == TrialState.COMPLETE:
-            keep_artifacts(self.artifacts, trial, directory)
-            return self.study.tell(trial, outcome.values)
-        return self.study.tell(trial, state=outcome.state)
+        return finish(study, trial, outcome, directory, self.artifacts)
 
 
 def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,

@@ -1,15 +1,17 @@
 """Run a space file with Ray Tune: many workers, one machine or a cluster, trials in the same Optuna study.
 
 Ray's ``OptunaSearch`` samples from the study (only this driver writes to the storage); Tune runs the
-trials in parallel and its scheduler stops weak ones (``study.pruner``: hyperband -> HyperBand,
-successive_halving -> ASHA, median -> median stopping, none -> FIFO). Ray would record a trial its
-scheduler stopped as COMPLETE with a partial value; here it is told PRUNED and marked
-``truncated``, so export and ``study.best_trial`` never pick it over a full run.
+trials in parallel, each through the shared trial runner (``search/trial.py``), and its scheduler stops
+weak ones (``study.pruner``, from the one registry in ``search/pruners.py``). Every Tune trial ends in
+``search.trial.finish``, as the Optuna loop's do. Ray would record a trial its scheduler stopped as
+COMPLETE with a partial value; here it is told PRUNED and marked ``truncated``, so export and
+``study.best_trial`` never pick it over a full run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -20,35 +22,23 @@ os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # keep relative data paths
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
-from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule  # noqa: E402
+from ray.tune.schedulers import HyperBandScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from search.budget import claim_worker, is_baseline, used  # noqa: E402
+from search import compat  # noqa: E402
+from search.budget import claim_worker, is_baseline, remaining  # noqa: E402
 from search.progress import EpochProgress  # noqa: E402
+from search.pruners import make_scheduler  # noqa: E402
+from search.retry import requeue  # noqa: E402
 from search.samplers import make_sampler  # noqa: E402
 from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
 from search.study import BASELINE, create_study  # noqa: E402
-from search.trial import TrialRecord, directories, drop_checkpoints, keep_artifacts, run_trial, trial_dir  # noqa: E402
+from search.trial import Outcome, TrialRecord, directories, drop_checkpoints, finish, run_trial, trial_dir  # noqa: E402
 from trainer.checkpoint import STATE_FILE  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
-
-
-SCHEDULERS = {  # study.pruner -> Tune scheduler; (min_epochs, epochs) -> scheduler counting epochs trained
-    "hyperband": lambda first, epochs: HyperBandScheduler(max_t=epochs),
-    "successive_halving": lambda first, epochs: ASHAScheduler(max_t=epochs, grace_period=first, reduction_factor=3),
-    "median": lambda first, epochs: MedianStoppingRule("training_iteration", grace_period=first,
-                                                       min_samples_required=3),
-    "none": lambda first, epochs: FIFOScheduler(),
-}
-
-
-def _scheduler(space: Space, epochs: int):
-    """Tune counts epochs trained (``training_iteration``); ``min_epochs`` is the grace period."""
-    return SCHEDULERS[space.study.pruner](space.min_epochs(), epochs)
 
 
 def _trainable(space: Space):
@@ -86,8 +76,8 @@ def _trainable(space: Space):
 
 
 class StudySearch(OptunaSearch):
-    """OptunaSearch that gives each Tune trial its Optuna trial's directory, records user attrs, keeps
-    the artifacts of completed trials and tells scheduler-stopped trials as PRUNED."""
+    """OptunaSearch that gives each Tune trial its Optuna trial's directory and ends every trial through
+    ``search.trial.finish`` (attrs, artifacts, checkpoints; scheduler-stopped trials as PRUNED)."""
 
     def __init__(self, *args: Any, root: Path, artifacts: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -106,37 +96,33 @@ class StudySearch(OptunaSearch):
         with warnings.catch_warnings():  # Tune, not heartbeats, tracks whether Ray trials are alive
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             params = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = compat.searcher_trial(self, trial_id)
         ot_trial.set_user_attr("backend", "ray")
-        directory, earlier = directories(self.root, self._ot_study._storage.get_trial(ot_trial._trial_id))
+        directory, earlier = directories(self.root, compat.frozen(compat.searcher_study(self), ot_trial))
         return {**params, "trial": ot_trial.number, "directory": str(directory.resolve()),
                 "earlier": [str(p.resolve()) for p in earlier]}
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or trial_id in self._completed_trials:
-            return super().on_trial_complete(trial_id, result, error)
-        directory = trial_dir(self.root, ot_trial.number)
-        result = result or self.last.pop(trial_id, {})
+    def outcome(self, trial_id: str, result: dict, error: bool) -> Outcome:
+        """What the Tune trial's last result says, as the Optuna loop's runner would have returned it."""
         attrs = json.loads(result.get("attrs", "{}"))
         if trial_id in self.starts:
             attrs["starts"] = self.starts.pop(trial_id)
-        for key, value in attrs.items():
-            ot_trial.set_user_attr(key, value)
+        values = [result.get(m, math.nan) for m in self.metric] if isinstance(self.metric, list) else \
+            [result.get(self.metric, math.nan)]
         if error or "fail_reason" in attrs:
-            if error:
-                ot_trial.set_user_attr("fail_reason", "the Ray trial raised an error (see its Ray log)")
-            drop_checkpoints(directory)
-            self._ot_study.tell(ot_trial, state=TrialState.FAIL)
-        elif result.get("epochs_run", 0) < result.get("epochs_total", 0):
-            ot_trial.set_user_attr("truncated", True)
-            drop_checkpoints(directory)
-            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-        else:
-            keep_artifacts(self.artifacts, ot_trial, directory)
-            (directory / STATE_FILE).unlink(missing_ok=True)
+            reason = attrs.pop("fail_reason", "the Ray trial raised an error (see its Ray log)")
+            return Outcome(TrialState.FAIL, values, attrs, reason)
+        if result.get("epochs_run", 0) < result.get("epochs_total", 0):
+            return Outcome(TrialState.PRUNED, values, {**attrs, "truncated": True})
+        return Outcome(TrialState.COMPLETE, values, attrs)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = compat.searcher_trial(self, trial_id)
+        if ot_trial is None or compat.searcher_done(self, trial_id):
             return super().on_trial_complete(trial_id, result, error)
-        self._completed_trials.add(trial_id)
+        outcome = self.outcome(trial_id, result or self.last.pop(trial_id, {}), error)
+        finish(compat.searcher_study(self), ot_trial, outcome, trial_dir(self.root, ot_trial.number), self.artifacts)
+        compat.searcher_done(self, trial_id, done=True)
         return None
 
 
@@ -167,16 +153,12 @@ def _searcher(space: Space, storage: optuna.storages.BaseStorage, url: str, stud
 
 
 def requeue_orphans(study: optuna.Study, max_retry: int) -> list[int]:
-    """Fail the RUNNING trials of an earlier Ray driver (the driver is the only writer, so they are dead)
-    and queue each again with the same params, to resume from its checkpoint."""
+    """Queue again the RUNNING trials of an earlier Ray driver (the driver is the only writer, so they are
+    dead), to resume from their checkpoints."""
     orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                if t.user_attrs.get("backend") == "ray"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-        for t in orphans:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            retry(study, study._storage.get_trial(t._trial_id))
+    for t in orphans:
+        requeue(study, t, max_retry)
     return [t.number for t in orphans]
 
 
@@ -190,9 +172,8 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
     orphans = requeue_orphans(study, space.study.max_retry)
     if orphans:
         print(f"trials {orphans} were left RUNNING by an earlier Ray driver: failed, and queued again", flush=True)
-    trials = study.get_trials(deepcopy=False)
-    remaining = n_trials - used(trials) + sum(t.state == TrialState.WAITING for t in trials)
-    if remaining <= 0:
+    more = remaining(study.get_trials(deepcopy=False), n_trials)
+    if more <= 0:
         print(f"study {space.study.name!r} already has {n_trials} trials", flush=True)
         return study
     ray.init(address=address, include_dashboard=False, configure_logging=False,
@@ -208,7 +189,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
 
     epochs = space.config({}).optim.epochs
     single = len(space.study.metrics) == 1
-    scheduler = _scheduler(space, epochs) if single else None
+    scheduler = make_scheduler(space) if single else None
     tuner = tune.Tuner(
         tune.with_resources(_trainable(space), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
         tune_config=tune.TuneConfig(
@@ -216,7 +197,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
             scheduler=scheduler,
             metric=space.study.metrics[0] if single else None,
             mode=("max" if space.study.directions[0] == "maximize" else "min") if single else None,
-            num_samples=remaining,
+            num_samples=more,
             # HyperBand pauses trials until its bracket fills; paused trials count against a concurrency
             # limit, which then starves the bracket for ever: there, resources alone bound parallelism
             max_concurrent_trials=None if isinstance(scheduler, HyperBandScheduler) else max_concurrent,
@@ -229,7 +210,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
             failure_config=tune.FailureConfig(max_failures=space.study.max_retry),  # restarts resume
         ),
     )
-    print(f"study {space.study.name!r}: {remaining} more trials on Ray ({space.study.sampler}, "
+    print(f"study {space.study.name!r}: {more} more trials on Ray ({space.study.sampler}, "
           f"scheduler for pruner {space.study.pruner}, {max_concurrent} at a time)", flush=True)
     try:
         tuner.fit()

@@ -6,9 +6,9 @@
   processes on one machine.
 
 Every storage beats for running trials (RDB storages in their own table, journal files in one small
-file per running trial beside the journal) and gives Optuna's ``fail_stale_trials`` a
-``RetryHeartbeatStaleTrialCallback``: a trial whose worker died is failed and queued again with the same
-params, and the retry resumes from the dead trial's checkpoint (see ``search/trial.py``).
+file per running trial beside the journal) and gives Optuna's ``fail_stale_trials`` the project's one
+way of queueing a trial again (``search/retry.py``): a trial whose worker died is failed and queued
+again with the same params, and the retry resumes from the dead trial's checkpoint.
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import optuna
 from urllib.parse import urlparse
 
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, GCSArtifactStore
-from optuna.artifacts._protocol import ArtifactStore
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat  # what fail_stale_trials checks; not re-exported
+from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from search import compat
+from search.retry import Requeue
 from trainer.errors import UserError
 
 STUDIES_DIR = Path("studies")
@@ -59,13 +59,13 @@ def _is_journal(url: str) -> bool:
     return url.startswith("journal:") or url.endswith(".log")
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+class HeartbeatJournalStorage(JournalStorage, compat.Heartbeats):
     """A journal storage with heartbeats: each running trial touches ``<journal>.beats/<trial_id>``.
 
     Beats are file modification times, so they add nothing to the journal and never wait for its lock.
     """
 
-    def __init__(self, path: Path, heartbeat: int, retry: RetryHeartbeatStaleTrialCallback) -> None:
+    def __init__(self, path: Path, heartbeat: int, retry: Requeue) -> None:
         super().__init__(JournalFileBackend(str(path)))
         self.beats = path.with_name(path.name + ".beats")
         self.beats.mkdir(exist_ok=True)
@@ -75,26 +75,26 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         (self.beats / str(trial_id)).touch()
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def stale_trial_ids(self, study_id: int) -> list[int]:
         now, stale = time.time(), []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = self.beats / str(trial._trial_id)
+            beat = self.beats / str(compat.trial_id(trial))
             if beat.exists() and now - beat.stat().st_mtime > self.grace:  # no beat yet: not judged, as RDB
-                stale.append(trial._trial_id)
+                stale.append(compat.trial_id(trial))
         return stale
 
     def get_heartbeat_interval(self) -> int:
         return self.heartbeat
 
-    def get_heartbeat_stale_trial_callback(self) -> RetryHeartbeatStaleTrialCallback:
+    def get_heartbeat_stale_trial_callback(self) -> Requeue:
         return self.retry
 
 
 def open_storage(url: str, heartbeat: int = 10, max_retry: int | None = 2) -> optuna.storages.BaseStorage:
     """The Optuna storage behind ``url``; raises ValueError with a one-line message naming the URL."""
-    with warnings.catch_warnings():  # heartbeats and retries are "experimental" in Optuna
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        retry = Requeue(max_retry)
         if _is_journal(url):
             path = Path(url.removeprefix("journal:"))
             try:
@@ -125,13 +125,13 @@ def open_storage(url: str, heartbeat: int = 10, max_retry: int | None = 2) -> op
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     """Whether running trials beat, so that a dead worker's trial can be told apart."""
-    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+    return isinstance(storage, compat.BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail RUNNING trials whose worker stopped beating, queueing each again (up to ``max_retry``)
     through the storage's retry callback; returns the numbers of the failed trials."""
-    if not heartbeat_enabled(study._storage):
+    if not heartbeat_enabled(compat.storage(study)):
         return []
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if not running:
@@ -156,7 +156,7 @@ def artifact_location(spec: str | None, root: Path) -> str:
     return str(Path(spec or root / "artifacts").resolve())
 
 
-def artifact_store(location: str) -> ArtifactStore:
+def artifact_store(location: str) -> compat.ArtifactStore:
     """The store of trial files (``model.pt``, ``config.yaml``) for many machines: a bucket, or a folder
     they all mount."""
     url = urlparse(location)

@@ -1,4 +1,5 @@
-"""One trial, run the same way by the Optuna loop and the Ray trainable.
+"""One trial's life, the same for the Optuna loop and the Ray trainable: ``run_trial`` trains it,
+``finish`` ends it.
 
 A trial trains in its own directory, ``<study dir>/trials/<number>/``: ``config.yaml`` (the resolved
 trainer config), ``last.pt`` (the resume state with every RNG state, written atomically after each
@@ -9,15 +10,14 @@ retry, a new trial with the same params, moves that file into its own directory 
 the last finished epoch, so its per-epoch history equals an unbroken run's.
 
 Any error of the trial (a sampled config the model rejects, out of memory, a data error, divergence)
-fails the trial with a one-line ``fail_reason``, never the worker.
+fails the trial with a one-line ``fail_reason``, never the worker. ``finish`` is the one place a trial
+ends, for both backends: user attrs, ``fail_reason``, artifacts, checkpoints and Optuna's state.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +26,10 @@ import optuna
 import torch
 import yaml
 from optuna.artifacts import upload_artifact
-from optuna.artifacts._protocol import ArtifactStore
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from search.budget import retry_history
+from search import compat
+from search.retry import requeue, retry_history
 from search.metrics import METRICS, spike_rate
 from search.progress import EpochProgress
 from search.space import Space
@@ -83,6 +82,7 @@ class Outcome:
     values: list[float]
     attrs: dict[str, object] = field(default_factory=dict)
     fail_reason: str | None = None
+    requeue: bool = False  # interrupted: FAIL, keep last.pt and queue a copy that resumes from it
 
 
 # Called after each epoch with the record so far, the epoch's report and whether that epoch was
@@ -154,23 +154,20 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
         fit(cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": str(directory), "resume": True})}),
             on_epoch, test=False)
     except optuna.TrialPruned:
-        drop_checkpoints(directory)
         return Outcome(TrialState.PRUNED, record.values, record.attrs)
     except Exception as err:  # noqa: BLE001 - any error fails this trial, not the worker
         (directory / "error.txt").write_text(traceback.format_exc())
-        drop_checkpoints(directory)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # after an out-of-memory error, leave the next trial the memory
         return Outcome(TrialState.FAIL, record.values, record.attrs, _one_line(err))
     finally:
         progress.close()
-    (directory / STATE_FILE).unlink(missing_ok=True)
     if any(math.isnan(v) for v in record.values):
         return Outcome(TrialState.FAIL, record.values, record.attrs, f"a metric is NaN: {record.values}")
     return Outcome(TrialState.COMPLETE, record.values, record.attrs)
 
 
-def keep_artifacts(store: ArtifactStore, trial: optuna.Trial, directory: Path) -> None:
+def keep_artifacts(store: compat.ArtifactStore, trial: optuna.Trial, directory: Path) -> None:
     """Register a completed trial's ``model.pt`` and ``config.yaml`` as Optuna artifacts (the dashboard
     lists them with ``--artifact-dir``; export copies the best model from there)."""
     for name in (MODEL_FILE, CONFIG_FILE):
@@ -178,10 +175,23 @@ def keep_artifacts(store: ArtifactStore, trial: optuna.Trial, directory: Path) -
             upload_artifact(artifact_store=store, file_path=str(directory / name), study_or_trial=trial)
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a WAITING copy of an interrupted trial (Optuna's retry callback, without a retry limit)."""
-    trial = copy.copy(trial)
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the copy's own
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, trial)
+def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, directory: Path,
+           artifacts: compat.ArtifactStore) -> FrozenTrial:
+    """End ``trial`` (both backends call this, and nothing else ends a trial): record its user attrs and
+    ``fail_reason``; keep a completed trial's model and config as artifacts and drop its resume state;
+    drop a pruned or failed trial's checkpoints, except an interrupted one's ``last.pt``, from which the
+    copy queued here resumes; tell Optuna."""
+    for key, value in outcome.attrs.items():
+        trial.set_user_attr(key, value)
+    if outcome.fail_reason:
+        trial.set_user_attr("fail_reason", outcome.fail_reason)
+    if outcome.state == TrialState.COMPLETE:
+        keep_artifacts(artifacts, trial, directory)
+        (directory / STATE_FILE).unlink(missing_ok=True)
+        return study.tell(trial, outcome.values)
+    if not outcome.requeue:
+        drop_checkpoints(directory)
+    ended = study.tell(trial, state=outcome.state)
+    if outcome.requeue:
+        requeue(study, ended, max_retry=None)
+    return ended

@@ -8,6 +8,7 @@ import sys
 import time
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from search.space import load_space
@@ -137,18 +138,27 @@ def test_scheduler_stopped_trials_are_pruned_and_never_exported(tmp_path):
     assert study.best_trial.number == full.number and [t.number for t in select(study)] == [full.number]
 
 
-def test_ray_schedulers_count_epochs_and_wait_min_epochs(tmp_path):
-    from search.ray_backend import _scheduler
+def test_ray_schedulers_count_epochs_and_wait_min_epochs(tmp_path, monkeypatch):
+    from ray.tune.schedulers import HyperBandScheduler, TrialScheduler
+
+    from search.pruners import make_scheduler
 
     spaces = {pruner: load_space(space_file(tmp_path, epochs=6, study=f", pruner: {pruner}, min_epochs: 2"))
               for pruner in ("median", "successive_halving", "hyperband")}
-    schedulers = {pruner: _scheduler(space, 6) for pruner, space in spaces.items()}
+    schedulers = {pruner: make_scheduler(space) for pruner, space in spaces.items()}
     for pruner, scheduler in schedulers.items():
         assert scheduler._time_attr == "training_iteration", pruner  # epochs, not seconds
     assert schedulers["median"]._grace_period == 2
     assert schedulers["successive_halving"]._max_t == 6
     # ASHA's first rung is the grace period, then x3 up to max_t
     assert sorted(m for m, _ in schedulers["successive_halving"]._brackets[0]._rungs) == [2, 6]
+    # Tune's HyperBand has no grace period: before min_epochs ours continues without consulting it
+    hyperband, seen = schedulers["hyperband"], []
+    monkeypatch.setattr(HyperBandScheduler, "on_trial_result",
+                        lambda self, controller, trial, result: seen.append(result) or "PAUSE")
+    assert hyperband.on_trial_result(None, None, {"training_iteration": 1}) == TrialScheduler.CONTINUE
+    assert hyperband.on_trial_result(None, None, {"training_iteration": 2}) == "PAUSE"
+    assert seen == [{"training_iteration": 2}]
 
 
 def test_ray_trial_whose_actor_died_continues_from_its_checkpoint(tmp_path):
@@ -174,3 +184,38 @@ def test_ray_trial_whose_actor_died_continues_from_its_checkpoint(tmp_path):
     # Tune's newest checkpoint may be an epoch behind last.pt when the kill lands between the two
     assert trial.state == TrialState.COMPLETE and len(starts) == 2 and starts[0] == 0 and starts[1] >= 2, starts
     assert len(trial.user_attrs["history"]) == trial.user_attrs["epochs_run"] == 8
+
+
+def test_one_trial_ends_the_same_through_both_backends(tmp_path):
+    """Both backends run a trial through search.trial.run_trial and end it in search.trial.finish: the
+    stored trials agree in state, values, params, attrs and kept files (one thread each, same numerics)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.format(epochs=2, study="").replace("model: {width: 4}", "model: {width: 4}\n  heads: "
+                     "{exits: [layer1.0]}").replace("lambda.start: {type: float, low: 0.1, high: 1.0}",
+                     "lambda.start: {type: categorical, choices: [0.5]}").split("  heads.exits:")[0])
+    stored = {}
+    for backend in ("optuna", "ray"):
+        url, root = f"sqlite:///{tmp_path}/{backend}.db", tmp_path / backend
+        cmd = [sys.executable, "search/run.py", "--space", str(space), "--storage", url, "--n-trials", "1",
+               "--backend", backend, "--study-dir", str(root)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        (trial,) = trials(url)
+        metas = optuna.artifacts.get_all_artifact_meta(trial, storage=optuna.storages.get_storage(url))
+        kept = sorted(m.filename for m in metas)
+        assert all((root / "artifacts" / m.artifact_id).is_file() for m in metas)
+        stored[backend] = trial, kept, sorted(p.name for p in (root / "trials" / "0").iterdir())
+    (a, kept_a, files_a), (b, kept_b, files_b) = stored["optuna"], stored["ray"]
+    assert a.state == b.state == TrialState.COMPLETE and a.params == b.params
+    assert kept_a == kept_b == ["config.yaml", "model.pt"] and files_a == files_b == ["config.yaml", "model.pt"]
+    assert "fail_reason" not in a.user_attrs and "fail_reason" not in b.user_attrs
+    own = {"worker", "backend"}  # who ran it: the Optuna worker's host:pid, or "ray"
+    assert set(a.user_attrs) - own == set(b.user_attrs) - own
+    for key in ("config", "epochs_run", "starts"):
+        assert a.user_attrs[key] == b.user_attrs[key], key
+    for ra, rb in zip(a.user_attrs["history"], b.user_attrs["history"], strict=True):
+        for metric in ("train_loss", "val_acc", "val_loss", "lambda", "lr"):
+            assert abs(ra[metric] - rb[metric]) <= 1e-6 * max(1.0, abs(ra[metric])), (metric, ra, rb)
+    assert a.values == pytest.approx(b.values, rel=1e-6)
+    assert list(a.intermediate_values) == list(b.intermediate_values) == [1, 2]

@@ -1,0 +1,57 @@
+"""Every private Optuna and Ray name this project touches, and nothing else: an upgrade that renames one
+breaks here, in one file (``tests/test_search.py`` greps that no other module uses one)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.artifacts._protocol import ArtifactStore  # the stores' common type; not re-exported
+from optuna.storages._heartbeat import BaseHeartbeat  # what fail_stale_trials checks; not re-exported
+from optuna.trial import FrozenTrial
+
+__all__ = ["ArtifactStore", "BaseHeartbeat", "Heartbeats", "frozen", "searcher_done", "searcher_study",
+           "searcher_trial", "storage", "trial_id"]
+
+
+def storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study reads and writes (Optuna keeps it private)."""
+    return study._storage
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of a trial (unique across studies; ``number`` is per study)."""
+    return trial._trial_id
+
+
+def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """A running trial as the storage holds it (system attrs included, such as ``retry_history``)."""
+    return study._storage.get_trial(trial._trial_id)
+
+
+class Heartbeats(BaseHeartbeat):
+    """A storage that finds its stale trials itself: subclasses implement ``stale_trial_ids``, the public
+    name of the hook that Optuna's ``fail_stale_trials`` calls."""
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        raise NotImplementedError
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self.stale_trial_ids(study_id)
+
+
+# Ray Tune's OptunaSearch keeps its Optuna study and the Optuna trial of each Tune trial private.
+
+def searcher_study(search: Any) -> optuna.Study:
+    return search._ot_study
+
+
+def searcher_trial(search: Any, tune_id: str) -> optuna.Trial | None:
+    return search._ot_trials.get(tune_id)
+
+
+def searcher_done(search: Any, tune_id: str, done: bool = False) -> bool:
+    """Whether the searcher has ended Tune trial ``tune_id``; ``done=True`` records that it has."""
+    if done:
+        search._completed_trials.add(tune_id)
+    return tune_id in search._completed_trials

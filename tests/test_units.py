@@ -1,0 +1,189 @@
+"""Unit tests of the search's plumbing: the budget, the storage wrapper, retries and the worker launcher."""
+
+import os
+import pickle
+import signal
+import threading
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from search import compat, workers
+from search.budget import ask_within, budget_lock, claim_worker, remaining, used
+from search.retry import Requeue, requeue, retry_history
+from search.run import make_parser
+from search.storage import HeartbeatJournalStorage, artifact_location, open_storage, study_dir
+from trainer.errors import UserError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def study_with(url, states, baseline_first=False):
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    study.raw_storage = open_storage(url)  # what workers pass to the budget (Optuna wraps its own in a cache)
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for i, state in enumerate(states):
+        attrs = {"baseline": True} if baseline_first and i == 0 else {}
+        study.add_trial(create_trial(state=state, params={"x": i / 10}, distributions=dist, user_attrs=attrs,
+                                     value=0.5 if state == TrialState.COMPLETE else None))
+    return study
+
+
+def test_the_budget_counts_finished_running_and_queued_trials_but_not_retried_failures_or_the_baseline(tmp_path):
+    S = TrialState
+    study = study_with(f"sqlite:///{tmp_path}/b.db", [S.COMPLETE, S.COMPLETE, S.PRUNED, S.RUNNING, S.FAIL, S.FAIL],
+                       baseline_first=True)
+    trials = study.get_trials(deepcopy=False)
+    assert used(trials) == 5  # the baseline (trial 0) aside; both FAILs count: neither was queued again
+    assert requeue(study, trials[5], max_retry=2)  # trial 5 failed with its worker: queued again
+    trials = study.get_trials(deepcopy=False)
+    assert trials[-1].state == S.WAITING and retry_history(trials[-1]) == [5]
+    assert used(trials) == 5  # the FAIL no longer counts, its WAITING copy does: a retry costs nothing
+    assert remaining(trials, 5) == 1  # the copy still has to be asked for
+    assert remaining(trials, 8) == 4
+
+
+def test_ask_within_pops_retries_first_and_stops_at_the_budget(tmp_path):
+    url = f"sqlite:///{tmp_path}/b.db"
+    study = study_with(url, [TrialState.COMPLETE, TrialState.FAIL])
+    requeue(study, study.get_trials()[1], max_retry=None)
+    storage = study.raw_storage
+    first = ask_within(study, storage, url, n_trials=2)
+    assert first is not None and first.params == {"x": 0.1}  # the WAITING copy, with the failed trial's params
+    study.tell(first, 0.7)
+    assert ask_within(study, storage, url, n_trials=2) is None  # two trials used: nothing more to ask
+
+
+def test_requeue_respects_max_retry_and_drops_the_old_fail_reason(tmp_path):
+    study = study_with(f"sqlite:///{tmp_path}/b.db", [TrialState.RUNNING])
+    trial = study.get_trials()[0]
+    compat.storage(study).set_trial_user_attr(compat.trial_id(trial), "fail_reason", "worker died")
+    assert requeue(study, study.get_trials()[0], max_retry=1)
+    assert study.get_trials()[0].state == TrialState.FAIL  # a RUNNING trial is failed first
+    copy = study.get_trials()[1]
+    assert copy.state == TrialState.WAITING and "fail_reason" not in copy.user_attrs
+    compat.storage(study).set_trial_state_values(compat.trial_id(copy), TrialState.RUNNING)
+    assert not requeue(study, study.get_trials()[1], max_retry=1)  # its one retry is used up
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_budget_lock_excludes_other_holders(tmp_path):
+    url = f"sqlite:///{tmp_path}/b.db"
+    storage, events = open_storage(url), []
+    held = threading.Event()
+
+    def other():
+        held.wait()
+        with budget_lock(storage, url, "s"):
+            events.append("other")
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with budget_lock(storage, url, "s"):
+        held.set()
+        time.sleep(0.3)
+        events.append("first")
+    thread.join(5)
+    assert events == ["first", "other"]
+
+
+def test_each_worker_claims_its_own_number(tmp_path):
+    url = f"sqlite:///{tmp_path}/b.db"
+    study = study_with(url, [])
+    assert [claim_worker(study, study.raw_storage, url) for _ in range(3)] == [0, 1, 2]
+
+
+def test_storage_urls_and_study_folders(tmp_path):
+    assert study_dir(f"sqlite:///{tmp_path}/x.db", "x") == tmp_path / "x"
+    assert study_dir(f"journal:{tmp_path}/j.log", "x") == tmp_path / "x"
+    assert study_dir("postgresql://u@h/db", "x").as_posix() == "studies/x"
+    assert artifact_location("s3://bucket", tmp_path) == "s3://bucket"
+    assert artifact_location(None, tmp_path) == str((tmp_path / "artifacts").resolve())
+    with pytest.raises(UserError, match=r"storage 'nonsense': not an SQLAlchemy URL or a journal file"):
+        open_storage("nonsense")
+    assert pickle.loads(pickle.dumps(Requeue(3))).max_retry == 3  # Ray pickles the storage with it
+
+
+def test_journal_heartbeats_judge_a_trial_stale_after_the_grace_period(tmp_path):
+    storage = open_storage(f"journal:{tmp_path}/j.log", heartbeat=1)
+    assert isinstance(storage, HeartbeatJournalStorage)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    storage.record_heartbeat(compat.trial_id(trial))
+    study_id = storage.get_study_id_from_name("s")
+    assert storage.stale_trial_ids(study_id) == []
+    beat = storage.beats / str(compat.trial_id(trial))
+    old = time.time() - storage.grace - 1
+    os.utime(beat, (old, old))
+    assert storage.stale_trial_ids(study_id) == [compat.trial_id(trial)]
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]  # queued again
+
+
+def test_each_worker_gets_the_parents_flags_and_nothing_that_would_make_it_start_workers():
+    argv = ["--space", "s.yaml", "--workers", "2", "--devices", "cpu,cuda:1", "--set", "a=1", "--set", "b=[1, 2]",
+            "--storage", "journal:x.log", "--timeout", "60", "--base", "configs/x.yaml"]
+    parent = make_parser().parse_args(argv)
+    child = make_parser().parse_args(workers.child_args(parent, 1, "cuda:1"))
+    assert child.workers is None and child.devices is None and child.worker_index == 1
+    assert child.overrides == ["a=1", "b=[1, 2]", "run.device=cuda:1"]
+    same = {k for k in vars(parent)} - {"workers", "devices", "worker_index", "overrides"}
+    assert {k: vars(child)[k] for k in same} == {k: vars(parent)[k] for k in same}
+
+
+def test_prefixes_of_flags_are_refused():
+    with pytest.raises(SystemExit) as err:
+        make_parser().parse_args(["--space", "s.yaml", "--dev", "cpu,cpu"])
+    assert err.value.code == 2
+
+
+def test_devices_are_dealt_round_robin_and_checked():
+    assert workers.devices("cpu,cuda:1", 3) == ["cpu", "cuda:1", "cpu"]
+    assert workers.devices(None, 2) == ["auto", "auto"]
+    with pytest.raises(UserError, match="--devices: 'gpu0' is not a device"):
+        workers.devices("cpu,gpu0", 2)
+
+
+class FakeProc:
+    def __init__(self, cmd, env, start_new_session, code=0, interrupt=False):
+        self.cmd, self.env, self.code, self.interrupt, self.signals = cmd, env, code, interrupt, []
+        self.pid = 1000 + len(FakeProc.started)
+        FakeProc.started.append(self)
+
+    def wait(self, timeout=None):
+        if self.interrupt and not self.signals:
+            raise KeyboardInterrupt
+        return self.code
+
+    def poll(self):
+        return None
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+    def kill(self):
+        pass
+
+
+def test_launch_starts_one_pinned_worker_per_device_and_returns_the_worst_code(monkeypatch):
+    FakeProc.started = []
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(workers.subprocess, "Popen",
+                        lambda cmd, env, start_new_session: FakeProc(cmd, env, start_new_session,
+                                                                     code=len(FakeProc.started)))
+    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
+    assert workers.launch(args, ["cpu", "cpu"]) == 1
+    assert [p.cmd[1:3] for p in FakeProc.started] == [["-m", "search.run"]] * 2
+    assert [p.env["OMP_NUM_THREADS"] for p in FakeProc.started] == ["2", "2"]  # 4 cores, 2 CPU workers
+    assert [p.cmd[-1] for p in FakeProc.started] == ["run.device=cpu"] * 2
+
+
+def test_ctrl_c_in_the_launcher_sends_each_worker_one_sigint(monkeypatch):
+    FakeProc.started = []
+    monkeypatch.setattr(workers.subprocess, "Popen",
+                        lambda cmd, env, start_new_session: FakeProc(cmd, env, start_new_session, interrupt=True))
+    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
+    assert workers.launch(args, ["cpu", "cpu"]) == 130
+    assert [p.signals for p in FakeProc.started] == [[signal.SIGINT], [signal.SIGINT]]
