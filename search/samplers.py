@@ -8,15 +8,12 @@ changes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import numpy as np
 import optuna
 from optuna.samplers import BaseSampler, GridSampler
-
-if TYPE_CHECKING:
-    from search.space import Param, Space
 
 
 def startup_trials(n_trials: int) -> int:
@@ -43,26 +40,19 @@ class Grid(GridSampler):
         pass
 
 
-def grid(params: list[Param]) -> dict[str, list[Any]]:
-    """GridSampler's search space: every value of every parameter (floats need a step)."""
-    from search.space import SpaceError
+class Gridded(Protocol):
+    """A parameter that lists its grid points (each parameter of ``search.space`` does)."""
 
-    out: dict[str, list[Any]] = {}
-    for p in params:
-        if p.type in ("float", "int"):
-            if p.step is None and p.type == "float":
-                raise SpaceError(f"'space.{p.key}.step': grid needs a step for float parameters")
-            step = p.step or 1
-            n = int(round((p.high - p.low) / step))
-            out[p.key] = [p.low + i * step for i in range(n + 1)]
-        elif p.type == "categorical":
-            out[p.key] = list(p.choices)
-        else:
-            out.update({f"{p.key}:{c}": [False, True] for c in p.choices})
-    return out
+    def grid(self) -> dict[str, list[Any]]: ...
 
 
-SAMPLERS: dict[str, Callable[[Space, int | None], BaseSampler]] = {
+def grid(params: Iterable[Gridded]) -> dict[str, list[Any]]:
+    """GridSampler's search space: every parameter's grid points, by Optuna parameter name."""
+    return {name: points for p in params for name, points in p.grid().items()}
+
+
+# (space, seed) -> sampler, where space is a search.space.Space (which imports this module).
+SAMPLERS: dict[str, Callable[[Any, int | None], BaseSampler]] = {
     # Optuna's 10 random start-up trials would leave a 12-trial study 2 model-guided ones.
     "tpe": lambda space, seed: optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=startup_trials(space.study.n_trials), constant_liar=True),
@@ -75,5 +65,5 @@ SAMPLERS: dict[str, Callable[[Space, int | None], BaseSampler]] = {
 }
 
 
-def make_sampler(space: Space, worker: int = 0) -> BaseSampler:
+def make_sampler(space: Any, worker: int = 0) -> BaseSampler:
     return SAMPLERS[space.study.sampler](space, worker_seed(space.study.seed, worker))

@@ -1,8 +1,8 @@
 """Search-space files: schema, validation and Optuna suggestions.
 
-A space file has four sections (see README "Space files"):
+A space file has four sections (see docs/how-to/write-a-space.md):
 
-    study:  name, direction(s), metric(s), sampler, pruner, min_epochs, n_trials, timeout, seed, storage,
+    study:  name, metric(s), direction(s), sampler, pruner, min_epochs, n_trials, timeout, seed, storage,
             heartbeat, max_retry, artifacts, baseline
     base:   a full trainer config (same format as ``python -m trainer --config``)
     final:  dotted overrides applied when the best config is retrained at full length (``optim.epochs``:
@@ -12,72 +12,436 @@ A space file has four sections (see README "Space files"):
 Parameter types: ``float``/``int`` (inclusive ``low``/``high``, optional ``log`` or ``step``),
 ``categorical`` (``choices``) and ``subset`` (any subset of ``choices``, one yes/no parameter each;
 used for head positions). ``when: {other.key: [values]}`` makes a parameter conditional on an earlier one.
-Every problem is a ``SpaceError`` whose one-line message names the file, the key and what is allowed.
+
+The sections are pydantic models (``SpaceFile``; parameters are a union on ``type``), as the trainer config
+is. Each parameter kind owns its Optuna distributions, its suggestion, its grid points and the values worth
+checking against the base. Every problem is a ``SpaceError`` whose one-line message names the file, the
+dotted key and what is allowed.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
+import math
+import reprlib
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from pydantic import (BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from search.metrics import METRICS
 from search.pruners import PRUNERS
 from search.samplers import SAMPLERS, grid
-from trainer.errors import UserError
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
+from trainer.errors import UserError
 
-TYPES = ("float", "int", "categorical", "subset")
-STUDY_KEYS = ("name", "direction", "metric", "sampler", "pruner", "min_epochs", "n_trials", "timeout", "seed",
-              "storage", "heartbeat", "max_retry", "artifacts", "baseline")
-PARAM_KEYS = {
-    "float": {"type", "low", "high", "log", "step", "when"},
-    "int": {"type", "low", "high", "log", "step", "when"},
-    "categorical": {"type", "choices", "when"},
-    "subset": {"type", "choices", "when"},
-}
+MAX_GRID = 10**6  # grid points of one parameter: more would not run, and would fill memory at load
 
 
 class SpaceError(UserError):
     """A bad space file; the message is one line."""
 
 
-@dataclass
-class Param:
-    key: str  # dotted config path
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 80, 80
+
+
+def _got(value: Any) -> str:
+    """``value`` as a message quotes it, in at most 80 characters: a YAML alias bomb can expand to
+    gigabytes, so even the repr is built with bounded depth and length."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _bad(message: str, at: str = "") -> PydanticCustomError:
+    """A validation error in this module's words; ``at`` extends the key it is reported at (for the checks
+    of a whole mapping, which are about one of its keys)."""
+    return PydanticCustomError("space", "{message}", {"message": message, "at": at})
+
+
+def _one_line(err: ValidationError, path: Path) -> str:
+    """The first problem of ``err`` as ``FILE: 'dotted.key': message`` (pydantic's own text is many lines)."""
+    first = err.errors(include_url=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    if loc[:1] == ["space"] and len(loc) > 2:
+        del loc[2]  # the tag of the parameter union (its type), not a key of the file
+    at = (first.get("ctx") or {}).get("at")
+    key = ".".join([*loc, at] if at else loc)
+    if first["type"] == "space":
+        return f"{path}: '{key}': {first['msg']}"
+    return f"{path}: '{key}': {first['msg']} (got {_got(first.get('input'))})"
+
+
+def _err(path: Path, key: str, message: str) -> SpaceError:
+    return SpaceError(f"{path}: '{key}': {message}")
+
+
+def _check(ok: Callable[[Any], bool], wants: str) -> PlainValidator:
+    """A field kept as written when ``ok(value)``, else an error saying what it ``wants``."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise _bad(f"{wants} (got {_got(value)})")
+        return value
+
+    return PlainValidator(check)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    """A number Optuna can take as a float: not a bool, ``.inf`` or ``.nan``, nor an int past float range."""
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _one_of(names: dict[str, Any]) -> PlainValidator:
+    """A name of a registry (``SAMPLERS``, ``PRUNERS``)."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value not in names:
+            raise _bad(f"got {_got(value)} (allowed: {', '.join(names)})")
+        return value
+
+    return PlainValidator(check)
+
+
+def _name(value: Any) -> str:
+    if not isinstance(value, str) or not value.replace("-", "_").isidentifier():
+        raise _bad("required: letters, digits, '_' or '-'")
+    return value
+
+
+def _metrics(value: Any) -> list[str]:
+    metrics = _as_list(value)
+    for m in metrics:
+        if not isinstance(m, str) or m not in METRICS:
+            raise _bad(f"unknown metric {_got(m)} (allowed: {', '.join(METRICS)})")
+    return metrics
+
+
+def _seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _finite(value) or value <= 0:
+        raise _bad(f"must be seconds > 0 or null (got {_got(value)})")
+    return float(value)
+
+
+def _mapping(wants: str) -> PlainValidator:
+    """A section that may be left empty (``null``)."""
+
+    def check(value: Any) -> dict[str, Any]:
+        if value is not None and not isinstance(value, dict):
+            raise _bad(f"{wants} (got {_got(value)})")
+        return value or {}
+
+    return PlainValidator(check)
+
+
+def _when(value: Any) -> dict[str, list[Any]]:
+    """``{other.key: values}``, a single value standing for a list of one."""
+    if value is not None and not isinstance(value, dict):
+        raise _bad(f"must map earlier parameters to their values (got {_got(value)})")
+    return {other: _as_list(values) for other, values in (value or {}).items()}
+
+
+def _count(low: int, null: bool = False) -> PlainValidator:
+    return _check(lambda v: (null and v is None) or (_integer(v) and v >= low),
+                  f"must be an integer >= {low}")
+
+
+def _choice_list(value: Any) -> bool:
+    """Non-empty, and no ``.inf`` or ``.nan`` (Optuna finds a choice by equality, and nan equals nothing)."""
+    return isinstance(value, list) and bool(value) and all(
+        not isinstance(c, float) or math.isfinite(c) for c in value)
+
+
+_Bool = Annotated[bool, _check(lambda v: isinstance(v, bool), "must be true or false")]
+_Number = Annotated[float | None, _check(lambda v: v is None or _finite(v), "must be a finite number")]
+_NumberStep = Annotated[float | None, _check(lambda v: v is None or (_finite(v) and v > 0),
+                                             "must be a finite number > 0")]
+_Integer = Annotated[int | None, _check(lambda v: v is None or _integer(v), "must be an integer")]
+_IntegerStep = Annotated[int | None, _count(1, null=True)]
+_Seed = Annotated[int | None, _check(lambda v: v is None or _integer(v), "must be an integer or null")]
+_Text = Annotated[str | None, _check(lambda v: v is None or isinstance(v, str), "must be a string or null")]
+_ChoiceList = Annotated[list[Any], _check(_choice_list, "must be a non-empty list without .inf or .nan")]
+
+
+class _Model(BaseModel):
+    """A mapping of the space file; its first unknown key fails, listing the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def _keys(cls) -> list[str]:
+        return [f.alias or name for name, f in cls.model_fields.items() if not f.exclude]
+
+    @classmethod
+    def _unknown(cls) -> str:
+        return f"unknown key (allowed: {', '.join(cls._keys())})"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any) -> Any:
+        for key in data if isinstance(data, dict) else ():
+            if key not in cls._keys():
+                raise _bad(cls._unknown(), at=str(key))
+        return data
+
+
+class Study(_Model):
+    """The ``study:`` section: what is optimized, how trials are sampled and pruned, and the budget."""
+
+    name: Annotated[str, PlainValidator(_name)] = Field("", validate_default=True)  # letters, digits, _ or -
+    metrics: Annotated[list[str], PlainValidator(_metrics)] = Field(["val_acc"], alias="metric")  # METRICS
+    directions: list[str] = Field(None, alias="direction", validate_default=True)  # default: the metrics' own
+    sampler: Annotated[str, _one_of(SAMPLERS)] = "tpe"  # search/samplers.py
+    pruner: Annotated[str, _one_of(PRUNERS)] = "hyperband"  # search/pruners.py
+    min_epochs: Annotated[int | None, _count(1, null=True)] = None  # before pruning; null: Space.min_epochs
+    n_trials: Annotated[int, _count(1)] = 20  # the budget (--n-trials overrides it)
+    timeout: Annotated[float | None, PlainValidator(_seconds)] = None  # seconds; null: no limit
+    seed: _Seed = 0  # of the samplers; null: a fresh one each run
+    storage: _Text = None  # an Optuna storage URL; null: a SQLite file named after the study
+    heartbeat: Annotated[int, _count(1)] = 10  # seconds between RUNNING-trial heartbeats (storage.timeouts)
+    max_retry: Annotated[int, _count(0)] = 2  # times a trial whose worker died is queued again
+    artifacts: _Text = None  # folder of the artifact store; null: <study dir>/artifacts
+    baseline: _Bool = True  # run the base config without heads once, to measure what the heads gained
+
+    @field_validator("directions", mode="plain")
+    @classmethod
+    def _directions(cls, value: Any, info: ValidationInfo) -> list[str]:
+        metrics = info.data.get("metrics")
+        if metrics is None:  # a bad metric, reported on its own
+            return []
+        if value is None:
+            return [METRICS[m].direction for m in metrics]
+        directions = _as_list(value)
+        if len(directions) != len(metrics) or any(d not in ("maximize", "minimize") for d in directions):
+            raise _bad(f"need one of maximize, minimize per metric ({len(metrics)})")
+        return directions
+
+    @model_validator(mode="after")
+    def _prunable(self) -> Study:
+        if len(self.metrics) > 1 and self.pruner != "none":
+            raise _bad("Optuna cannot prune multi-objective studies (allowed: none)", at="pruner")
+        return self
+
+
+class Param(_Model):
+    """One searched config key: the kinds below, told apart by ``type``."""
+
+    key: str = Field("", exclude=True)  # the dotted config path it is listed under in ``space``
     type: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] = field(default_factory=list)
-    when: dict[str, list[Any]] = field(default_factory=dict)
+    when: Annotated[dict[str, list[Any]], PlainValidator(_when)] = {}  # sampled where earlier ones took these
+
+    @classmethod
+    def kind(cls) -> str:
+        return get_args(cls.model_fields["type"].annotation)[0]
+
+    @classmethod
+    def _unknown(cls) -> str:
+        return f"unknown for {cls.kind()} (allowed: {', '.join(sorted(cls._keys()))})"
+
+    def identity(self) -> dict[str, Any]:
+        """The parameter as a study records it (``search.study.identity``): the fields and defaults of the
+        one class all kinds shared before, so that stored studies keep matching."""
+        return {"type": self.type, "low": None, "high": None, "log": False, "step": None, "choices": [],
+                "when": self.when}
+
+    def active(self, values: dict[str, Any]) -> bool:
+        """Whether this parameter is sampled, given the values sampled before it."""
+        return all(values.get(other) in allowed for other, allowed in self.when.items())
+
+    @abstractmethod
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """The Optuna parameters it becomes, by name: what a trial records as its distributions."""
+
+    @abstractmethod
+    def values(self) -> list[Any]:
+        """The values worth checking against the base before any trial (the extremes of what it samples)."""
+
+    @abstractmethod
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """One value, sampled by ``trial`` under the Optuna names of ``distributions``."""
+
+    @abstractmethod
+    def grid(self) -> dict[str, list[Any]]:
+        """GridSampler's points for each of its Optuna parameters."""
 
 
-@dataclass
-class Study:
-    name: str
-    metrics: list[str]
-    directions: list[str]
-    sampler: str = "tpe"
-    pruner: str = "hyperband"
-    min_epochs: int | None = None  # epochs before a trial can be pruned; None: a third of the base epochs
-    n_trials: int = 20
-    timeout: float | None = None
-    seed: int | None = 0
-    storage: str | None = None
-    heartbeat: int = 10  # seconds between RUNNING-trial heartbeats; see storage.timeouts for the grace period
-    max_retry: int = 2  # times a trial whose worker died is queued again
-    artifacts: str | None = None  # folder of the artifact store; None: <study dir>/artifacts
-    baseline: bool = True  # run the base config without heads once, to measure what the heads gained
+class _Range(Param):
+    """``low`` to ``high``, both inclusive; ``log`` samples on a log scale, ``step`` on a lattice."""
+
+    low: _Number = None  # required
+    high: _Number = None  # required, >= low
+    log: _Bool = False  # needs low > 0 and no step
+    step: _NumberStep = None  # the grid sampler needs one for floats
+
+    @model_validator(mode="after")
+    def _bounds(self) -> _Range:
+        if self.low is None or self.high is None or self.low > self.high:
+            raise _bad("needs low <= high (both inclusive)")
+        if self.log and (self.step is not None or self.low <= 0):
+            raise _bad("needs low > 0 and no step", at="log")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        return super().identity() | {"low": self.low, "high": self.high, "log": self.log, "step": self.step}
+
+    def values(self) -> list[Any]:
+        d = self.distributions()[self.key]  # Optuna's: high lowered onto the last step
+        return [d.low, d.high]
+
+    def grid(self) -> dict[str, list[Any]]:
+        d = self.distributions()[self.key]
+        if d.step is None:
+            raise SpaceError(f"'space.{self.key}.step': grid needs a step for float parameters")
+        count = (d.high - d.low) / d.step
+        if not count < MAX_GRID:
+            raise SpaceError(f"'space.{self.key}.step': grid needs at most {MAX_GRID} points per parameter "
+                             f"(got {count:.3g}; a larger step)")
+        return {self.key: [d.low + i * d.step for i in range(round(count) + 1)]}
+
+
+class Float(_Range):
+    type: Literal["float"]
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {self.key: FloatDistribution(self.low, self.high, log=self.log, step=self.step)}
+
+    def suggest(self, trial: optuna.Trial) -> float:
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+
+
+class Int(_Range):
+    type: Literal["int"]
+    low: _Integer = None  # required
+    high: _Integer = None  # required, >= low
+    step: _IntegerStep = None  # null: 1
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {self.key: IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)}
+
+    def suggest(self, trial: optuna.Trial) -> int:
+        return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
+
+
+class _Choice(Param):
+    choices: _ChoiceList = Field(None, validate_default=True)  # required
+
+    def identity(self) -> dict[str, Any]:
+        return super().identity() | {"choices": self.choices}
+
+    def grid(self) -> dict[str, list[Any]]:
+        return {name: list(d.choices) for name, d in self.distributions().items()}
+
+
+class Categorical(_Choice):
+    """One of ``choices``."""
+
+    type: Literal["categorical"]
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {self.key: CategoricalDistribution(self.choices)}
+
+    def values(self) -> list[Any]:
+        return list(self.choices)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        return trial.suggest_categorical(self.key, self.choices)
+
+
+class Subset(_Choice):
+    """Any subset of ``choices`` (head positions): one yes/no Optuna parameter ``key:choice`` each, so a
+    sampler models each member on its own."""
+
+    type: Literal["subset"]
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {f"{self.key}:{c}": CategoricalDistribution((False, True)) for c in self.choices}
+
+    def values(self) -> list[Any]:
+        """Each member alone and the whole set."""
+        return [[c] for c in self.choices] + [list(self.choices)]
+
+    def suggest(self, trial: optuna.Trial) -> list[Any]:
+        return [c for c in self.choices if trial.suggest_categorical(f"{self.key}:{c}", [False, True])]
+
+
+KINDS = (Float, Int, Categorical, Subset)
+TYPES = tuple(kind.kind() for kind in KINDS)
+AnyParam = Annotated[Float | Int | Categorical | Subset, Field(discriminator="type")]
+
+
+class SpaceFile(_Model):
+    """A space file as written; ``load_space`` resolves it into a ``Space``."""
+
+    study: Study = Field(None, validate_default=True)  # required: at least a name
+    base: Annotated[dict[str, Any], _mapping("must be a trainer config mapping")] = {}  # trainer config
+    final: Annotated[dict[str, Any], _mapping("must map dotted config keys to values")] = {}  # for retraining
+    space: dict[str, AnyParam] = Field(None, validate_default=True)  # required; keyed by dotted config path
+
+    @classmethod
+    def _unknown(cls) -> str:
+        return f"unknown section (allowed: {', '.join(cls._keys())})"
+
+    @field_validator("study", mode="before")
+    @classmethod
+    def _study(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _bad("must be a mapping with at least 'name'")
+        return value
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _typed(cls, specs: Any) -> Any:
+        """Each parameter names one of ``TYPES`` (which the union's own error would not list)."""
+        if specs is not None and not isinstance(specs, dict):
+            raise _bad(f"must map dotted config keys to parameters (got {_got(specs)})")
+        if not specs:
+            raise _bad("needs at least one parameter")
+        for key, spec in specs.items():
+            if not isinstance(spec, dict) or spec.get("type") not in TYPES:
+                raise _bad(f"required (allowed: {', '.join(TYPES)})", at=f"{key}.type")
+        return specs
+
+    @field_validator("space")
+    @classmethod
+    def _keyed(cls, params: dict[str, Param]) -> dict[str, Param]:
+        """Each parameter learns its key; ``when`` may name only parameters listed before it."""
+        earlier: list[str] = []
+        for key, param in params.items():
+            param.key = key
+            for other in param.when:
+                if other not in earlier:
+                    raise _bad(f"{_got(other)} must be a parameter listed earlier "
+                               f"(allowed: {', '.join(earlier) or 'none'})", at=f"{key}.when")
+            earlier.append(key)
+        return params
 
 
 @dataclass
 class Space:
+    """A loaded space: its study, the trials' base (``--base`` and ``--set`` applied), ``final`` with the
+    retraining's epochs, and the parameters in file order."""
+
     path: Path
     study: Study
     base: dict[str, Any]
@@ -93,7 +457,7 @@ class Space:
 
         A third of the base epochs unless ``study.min_epochs`` says otherwise: in the first epochs of a
         lambda schedule that starts on the heads, the main output's accuracy is near chance for every
-        trial and ranks them at random (measured on digits, see README "Search efficiency").
+        trial and ranks them at random (measured on digits, see docs/benchmarks/search_efficiency.md).
         """
         epochs = self.config({}).optim.epochs
         return min(epochs, self.study.min_epochs or max(1, round(epochs / 3)))
@@ -102,108 +466,12 @@ class Space:
         return build(with_values(data, self.final), f"{self.path}: final")
 
 
-def _err(path: Path, key: str, message: str) -> SpaceError:
-    return SpaceError(f"{path}: '{key}': {message}")
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
-def _parse_study(path: Path, raw: Any) -> Study:
-    if not isinstance(raw, dict):
-        raise _err(path, "study", "must be a mapping with at least 'name'")
-    for key in raw:
-        if key not in STUDY_KEYS:
-            raise _err(path, f"study.{key}", f"unknown key (allowed: {', '.join(STUDY_KEYS)})")
-    if not isinstance(raw.get("name"), str) or not raw["name"].replace("-", "_").isidentifier():
-        raise _err(path, "study.name", "required: letters, digits, '_' or '-'")
-    metrics = _as_list(raw.get("metric", "val_acc"))
-    for m in metrics:
-        if m not in METRICS:
-            raise _err(path, "study.metric", f"unknown metric {m!r} (allowed: {', '.join(METRICS)})")
-    directions = _as_list(raw.get("direction", [METRICS[m].direction for m in metrics]))
-    if len(directions) != len(metrics) or any(d not in ("maximize", "minimize") for d in directions):
-        raise _err(path, "study.direction", f"need one of maximize, minimize per metric ({len(metrics)})")
-    study = Study(raw["name"], metrics, directions)
-    for key, choices in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
-        if key in raw:
-            if raw[key] not in choices:
-                raise _err(path, f"study.{key}", f"got {raw[key]!r} (allowed: {', '.join(choices)})")
-            setattr(study, key, raw[key])
-    for key, low in (("n_trials", 1), ("heartbeat", 1), ("min_epochs", 1), ("max_retry", 0)):
-        if key in raw and not (raw[key] is None and getattr(study, key) is None):  # null keeps a null default
-            if not isinstance(raw[key], int) or isinstance(raw[key], bool) or raw[key] < low:
-                raise _err(path, f"study.{key}", f"must be an integer >= {low} (got {raw[key]!r})")
-            setattr(study, key, raw[key])
-    if raw.get("timeout") is not None:
-        if not isinstance(raw["timeout"], (int, float)) or raw["timeout"] <= 0:
-            raise _err(path, "study.timeout", f"must be seconds > 0 or null (got {raw['timeout']!r})")
-        study.timeout = float(raw["timeout"])
-    if "seed" in raw:
-        if raw["seed"] is not None and not isinstance(raw["seed"], int):
-            raise _err(path, "study.seed", f"must be an integer or null (got {raw['seed']!r})")
-        study.seed = raw["seed"]
-    if "baseline" in raw:
-        if not isinstance(raw["baseline"], bool):
-            raise _err(path, "study.baseline", f"must be true or false (got {raw['baseline']!r})")
-        study.baseline = raw["baseline"]
-    for key in ("storage", "artifacts"):
-        if raw.get(key) is not None:
-            setattr(study, key, str(raw[key]))
-    if len(metrics) > 1 and study.pruner != "none":
-        raise _err(path, "study.pruner", "Optuna cannot prune multi-objective studies (allowed: none)")
-    return study
-
-
-def _number(path: Path, key: str, spec: dict, name: str, integer: bool) -> float | None:
-    value = spec.get(name)
-    if value is None:
-        return None
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool):
-        raise _err(path, f"space.{key}.{name}", f"must be {'an integer' if integer else 'a number'} (got {value!r})")
-    return value
-
-
-def _parse_param(path: Path, key: str, spec: Any, earlier: dict[str, Param]) -> Param:
-    if not isinstance(spec, dict) or spec.get("type") not in TYPES:
-        raise _err(path, f"space.{key}.type", f"required (allowed: {', '.join(TYPES)})")
-    kind = spec["type"]
-    for name in spec:
-        if name not in PARAM_KEYS[kind]:
-            raise _err(path, f"space.{key}.{name}", f"unknown for {kind} (allowed: {', '.join(sorted(PARAM_KEYS[kind]))})")
-    param = Param(key, kind)
-    if kind in ("float", "int"):
-        integer = kind == "int"
-        param.low, param.high = (_number(path, key, spec, n, integer) for n in ("low", "high"))
-        if param.low is None or param.high is None or param.low > param.high:
-            raise _err(path, f"space.{key}", "needs low <= high (both inclusive)")
-        param.step = _number(path, key, spec, "step", integer)
-        param.log = bool(spec.get("log", False))
-        if param.log and (param.step is not None or param.low <= 0):
-            raise _err(path, f"space.{key}.log", "needs low > 0 and no step")
-    else:
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise _err(path, f"space.{key}.choices", "must be a non-empty list")
-        param.choices = choices
-    for other, values in (spec.get("when") or {}).items():
-        if other not in earlier:
-            raise _err(path, f"space.{key}.when", f"{other!r} must be a parameter listed earlier "
-                       f"(allowed: {', '.join(earlier) or 'none'})")
-        param.when[other] = _as_list(values)
-    return param
-
-
-def _base(path: Path, raw: dict[str, Any], base: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _base(path: Path, file: SpaceFile, base: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The trial config's base and the ``final`` overrides. ``base`` (a trainer config file) replaces the
     space's own, and with it the space's ``final.optim.epochs``, which was chosen for its own base: the
     final retraining runs the base's full length (``optim.epochs`` as written, before ``--set``) unless the
     space says otherwise."""
-    data, final = raw.get("base") or {}, raw.get("final") or {}
-    if not isinstance(final, dict):
-        raise _err(path, "final", "must map dotted config keys to values")
+    data, final = file.base, file.final
     if base is not None:
         try:
             data = read_yaml(base)
@@ -212,8 +480,6 @@ def _base(path: Path, raw: dict[str, Any], base: Path | None) -> tuple[dict[str,
         if not isinstance(data, dict):
             raise SpaceError(f"--base: {base}: expected a trainer config mapping")
         final = {k: v for k, v in final.items() if k != "optim.epochs"}
-    elif not isinstance(data, dict):
-        raise _err(path, "base", "must be a trainer config mapping")
     try:
         full = build(copy.deepcopy(data), str(base) if base else f"{path}: base").optim.epochs
     except ConfigError as err:
@@ -231,38 +497,27 @@ def load_space(path: str | Path, overrides: list[str] = (), base: str | Path | N
         raise SpaceError(str(err)) from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping with study, base, final, space")
-    for key in raw:
-        if key not in ("study", "base", "final", "space"):
-            raise _err(path, key, "unknown section (allowed: study, base, final, space)")
-    study = _parse_study(path, raw.get("study"))
-    base, final = _base(path, raw, Path(base) if base is not None else None)
-    params: dict[str, Param] = {}
-    for key, spec in (raw.get("space") or {}).items():
-        params[key] = _parse_param(path, key, spec, params)
-    if not params:
-        raise _err(path, "space", "needs at least one parameter")
-    if study.sampler == "grid":
-        if any(p.when for p in params.values()):
+    try:
+        file = SpaceFile.model_validate(raw)
+    except ValidationError as err:
+        raise SpaceError(_one_line(err, path)) from None
+    data, final = _base(path, file, Path(base) if base is not None else None)
+    params = list(file.space.values())
+    if file.study.sampler == "grid":
+        if any(p.when for p in params):
             raise _err(path, "study.sampler", "grid cannot sample conditional ('when') parameters")
         try:
-            grid(list(params.values()))
+            grid(params)
         except SpaceError as err:
             raise SpaceError(f"{path}: {err}") from None
     try:
         for item in overrides:
-            set_dotted(base, *parse_override(item))
+            set_dotted(data, *parse_override(item))
     except ConfigError as err:
         raise SpaceError(f"{path}: {err}") from None
-    space = Space(path, study, base, final, list(params.values()))
+    space = Space(path, file.study, data, final, params)
     _check_configs(space)
     return space
-
-
-def _values(p: Param) -> list[Any]:
-    """The values of ``p`` worth checking: both bounds, each choice, each subset member and the whole set."""
-    if p.type == "subset":
-        return [[c] for c in p.choices] + [list(p.choices)]
-    return list(p.choices) if p.type == "categorical" else [p.low, p.high]
 
 
 def _check_configs(space: Space) -> None:
@@ -271,35 +526,24 @@ def _check_configs(space: Space) -> None:
     Every value of every parameter is checked against the base, and every pair of values of two
     parameters against each other (a head exit against each architecture, say).
     """
+    values = {p.key: p.values() for p in space.params}
     try:
         cfg = space.config({})
-        for p in space.params:
-            for value in _values(p):
-                space.config({p.key: value})
-        for p, q in itertools.combinations(space.params, 2):
-            for a, b in itertools.product(_values(p), _values(q)):
-                space.config({p.key: a, q.key: b})
+        for key, some in values.items():
+            for value in some:
+                space.config({key: value})
+        for p, q in itertools.combinations(values, 2):
+            for a, b in itertools.product(values[p], values[q]):
+                space.config({p: a, q: b})
         space.final_config(cfg.to_dict())
     except ConfigError as err:
         raise SpaceError(str(err)) from None
-
-
-def _active(param: Param, values: dict[str, Any]) -> bool:
-    return all(values.get(other) in allowed for other, allowed in param.when.items())
 
 
 def suggest(trial: optuna.Trial, params: list[Param]) -> dict[str, Any]:
     """Sample one value per active parameter; subsets become one boolean per choice."""
     values: dict[str, Any] = {}
     for p in params:
-        if not _active(p, values):
-            continue
-        if p.type == "float":
-            values[p.key] = trial.suggest_float(p.key, p.low, p.high, log=p.log, step=p.step)
-        elif p.type == "int":
-            values[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
-        elif p.type == "categorical":
-            values[p.key] = trial.suggest_categorical(p.key, p.choices)
-        else:
-            values[p.key] = [c for c in p.choices if trial.suggest_categorical(f"{p.key}:{c}", [False, True])]
+        if p.active(values):
+            values[p.key] = p.suggest(trial)
     return values

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -45,7 +44,7 @@ def identity(space: Space) -> dict[str, Any]:
     parameter of the space, the metrics and their directions. A different identity is a different study."""
     doc = {k: v for k, v in _flat(space.config({}).to_dict(), "base").items() if not k.startswith(PLACE_KEYS)}
     for p in space.params:
-        doc |= _flat({k: v for k, v in dataclasses.asdict(p).items() if k != "key"}, f"space.{p.key}")
+        doc |= _flat(p.identity(), f"space.{p.key}")
     doc |= {"study.metric": space.study.metrics, "study.direction": space.study.directions}
     return json.loads(json.dumps(doc))  # as the storage gives it back
 

@@ -4,7 +4,8 @@ import sys
 import optuna
 import pytest
 
-from search.space import SpaceError, grid, load_space, suggest
+from search.samplers import grid
+from search.space import SpaceError, load_space, suggest
 from trainer.config import load as load_config
 
 from conftest import ROOT
@@ -67,6 +68,27 @@ space:
     assert space_grid["heads.exits:layer1.0"] == [False, True]
 
 
+def test_grid_stays_in_range_and_refuses_a_huge_one(tmp_path):
+    text = "study: {name: g, sampler: grid}\nspace: {data.timesteps: {type: int, low: 1, high: 4, step: 2}}"
+    with pytest.warns(UserWarning, match="not divisible by `step`"):  # Optuna's, at load, not per trial
+        assert grid(load_space(write(tmp_path, text)).params) == {"data.timesteps": [1, 3]}  # as sampled
+    with pytest.raises(SpaceError, match=r"'space.data.timesteps.step': grid needs at most 1000000 points"):
+        load_space(write(tmp_path, text.replace("high: 4, step: 2", "high: 100000000")))
+
+
+def test_param_identity_keeps_the_shape_of_stored_studies(tmp_path):
+    """``search.study.identity`` records these: another field or default would make every stored study a
+    mismatch."""
+    none = {"low": None, "high": None, "log": False, "step": None, "choices": [], "when": {}}
+    assert [p.identity() for p in load_space(write(tmp_path, SPACE)).params] == [
+        {"type": "categorical", **none, "choices": ["linear", "exponential"]},
+        {"type": "float", **none, "low": 1.0, "high": 8.0, "log": True,
+         "when": {"lambda.schedule": ["exponential"]}},
+        {"type": "int", **none, "low": 1, "high": 4},
+        {"type": "subset", **none, "choices": ["layer1.0", "layer2.0", "layer3.0"]},
+    ]
+
+
 @pytest.mark.parametrize(
     "text,expected",
     [
@@ -109,6 +131,46 @@ def test_bad_space_gives_one_line_error_naming_file_and_key(tmp_path, text, expe
         load_space(path)
     message = str(err.value)
     assert str(path) in message and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "study,param,expected",
+    [
+        ("", "low: .inf, high: 1", "'space.lambda.start.low': must be a finite number (got inf)"),
+        ("", "low: 0, high: .nan", "'space.lambda.start.high': must be a finite number (got nan)"),
+        ("", "low: 0, high: 1, step: .inf", "'space.lambda.start.step': must be a finite number > 0 (got"),
+        ("", "low: 0, high: 1.0e+400", "'space.lambda.start.high': must be a finite number (got inf)"),
+        ("", "low: 0, high: 1" + "0" * 400, "'space.lambda.start.high': must be a finite number (got 1000"),
+        (", timeout: .inf", "low: 0, high: 1", "'study.timeout': must be seconds > 0 or null (got inf)"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, study, param, expected):
+    """Optuna would take them and fail later, in a worker (``high: .inf`` raised OverflowError there)."""
+    path = write(tmp_path, f"study: {{name: a{study}}}\nspace: {{lambda.start: {{type: float, {param}}}}}")
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    assert str(err.value).startswith(f"{path}: {expected}") and "\n" not in str(err.value)
+
+
+# Nine levels of ten aliases: 10**8 strings once expanded, which a repr would spell out in gigabytes.
+BOMB = "final: {l0: &l0 x, " + ", ".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]"
+                                        for i in range(1, 9)) + "}\n"
+
+
+@pytest.mark.parametrize(
+    "study,param,key",
+    [
+        ("{name: a, sampler: *l8}", "low: 0, high: 1", "'study.sampler': got [["),
+        ("{name: a}", "low: *l8, high: 1", "'space.lambda.start.low': must be a finite number (got [["),
+    ],
+)
+def test_a_refused_alias_bomb_is_quoted_in_at_most_80_characters(tmp_path, study, param, key):
+    path = write(tmp_path, f"{BOMB}study: {study}\nspace: {{lambda.start: {{type: float, {param}}}}}")
+    with pytest.raises(SpaceError) as err:
+        load_space(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {key}") and "..." in message
+    assert len(message) - len(f"{path}: {key}") <= 80 + len(" (allowed: tpe, gp, cmaes, random, nsga2, grid)")
 
 
 def test_cli_bad_space_exits_2_and_creates_no_study(tmp_path):
