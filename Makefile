@@ -20,3 +20,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/shortcut_heads.py
+
+# make docs   regenerates the reference pages from the code and builds the site into site/ (mkdocs-material)
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict

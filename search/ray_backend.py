@@ -36,7 +36,7 @@ from search.samplers import make_sampler  # noqa: E402
 from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
 from search.study import BASELINE, create_study  # noqa: E402
-from search.trial import Outcome, TrialRecord, directories, drop_checkpoints, finish, run_trial, trial_dir  # noqa: E402
+from search.trial import Outcome, TrialRecord, directories, finish, run_trial, trial_dir  # noqa: E402
 from trainer.checkpoint import STATE_FILE  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
 
@@ -50,10 +50,9 @@ def _trainable(space: Space):
 
     def train(config: dict[str, Any]) -> None:
         directory = Path(config["directory"])
-        directory.mkdir(parents=True, exist_ok=True)
-        drop_checkpoints(directory)  # Tune's checkpoint, where there is one, is this trial's resume state
-        checkpoint = tune.get_checkpoint()
+        checkpoint = tune.get_checkpoint()  # where there is one, it is this trial's resume state
         if checkpoint:
+            directory.mkdir(parents=True, exist_ok=True)
             with checkpoint.as_directory() as saved:
                 shutil.copyfile(Path(saved) / STATE_FILE, directory / STATE_FILE)
 
@@ -67,7 +66,7 @@ def _trainable(space: Space):
                          "attrs": json.dumps(record.attrs)}, checkpoint=tune.Checkpoint.from_directory(directory))
 
         outcome = run_trial(space, config["trial"], config["values"], directory,
-                            [Path(p) for p in config["earlier"]], hook, EpochProgress(), keep_own=True)
+                            [Path(p) for p in config["earlier"]], hook, EpochProgress(), keep_own=bool(checkpoint))
         if outcome.fail_reason:
             tune.report({m: float("nan") for m in space.study.metrics}
                         | {"attrs": json.dumps({**outcome.attrs, "fail_reason": outcome.fail_reason})})

@@ -19,7 +19,7 @@ def pg_url():
     try:
         admin.connect().close()
     except sqlalchemy.exc.OperationalError:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER} (start it: see README, Tests)")
+        pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER} (start it: see docs/development.md)")
     name = f"snn_{uuid.uuid4().hex[:10]}"
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
