@@ -85,3 +85,67 @@ def test_head_exits_are_checked_against_the_architecture():
     assert load(None, ["model.arch=resnet18", "heads.exits=[layer4.1]"]).heads.exits == ["layer4.1"]
     with pytest.raises(ConfigError, match=r"unknown block exit 'layer4.1' for resnet20 \(allowed: layer1.0,"):
         load(None, ["heads.exits=[layer4.1]"])
+
+
+@pytest.mark.parametrize("section,key,registry", [
+    ("data", "name", "trainer.data:DATASETS"),
+    ("model", "arch", "trainer.models:ARCHS"),
+    ("neuron", "surrogate", "trainer.surrogate:SURROGATES"),
+    ("lambda_", "schedule", "trainer.schedule:SCHEDULES"),
+    ("optim", "name", "trainer.optim:OPTIMIZERS"),
+])
+def test_the_allowed_names_are_the_registrys(section, key, registry):
+    """Each choice's allowed values are its registry's names, and a bad one's error lists them all."""
+    import importlib
+    from typing import get_args
+
+    module, name = registry.split(":")
+    names = list(getattr(importlib.import_module(module), name))
+    field = Config.model_fields[section].annotation.model_fields[key]
+    assert list(get_args(field.annotation)) == names
+    with pytest.raises(ConfigError) as err:
+        load(None, [f"{Config.model_fields[section].alias or section}.{key}=bogus"])
+    assert all(repr(n) in str(err.value) for n in names)
+
+
+def _runtime_imports(path) -> set[str]:
+    """The ``trainer.*`` modules a file imports when it runs: at module level or in a function, but not
+    under ``if TYPE_CHECKING:`` (annotations only)."""
+    import ast
+
+    found: set[str] = set()
+
+    def visit(node) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("trainer."))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found
+
+
+def test_the_trainer_imports_no_module_that_imports_it_back():
+    """No import cycle in ``trainer`` (config reads the registries' names; none of them imports config), not
+    even one dodged by importing inside a function, as ``config.build`` once imported ``trainer.models``."""
+    graph = {f"trainer.{p.stem}": _runtime_imports(p) for p in (ROOT / "trainer").glob("*.py")}
+    done: set[str] = set()
+
+    def walk(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + (module,))}"
+        if module not in done:
+            for dep in graph.get(module, ()):
+                walk(dep, path + (module,))
+            done.add(module)
+
+    for module in graph:
+        walk(module, ())
+    assert "trainer.models" in graph["trainer.config"]  # the check sees the edges it is about
+    registries = "trainer.models, trainer.data, trainer.schedule, trainer.optim, trainer.surrogate"
+    code = f"import sys, {registries}; print('trainer.config' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == "False", proc.stderr

@@ -222,6 +222,15 @@ def test_missing_dvs_data_says_where(tmp_path):
         load_data(DataConfig(name="cifar10dvs", root=str(tmp_path)), CPU)
 
 
+def test_an_unknown_data_set_falls_through_to_no_loader():
+    """The registry answers every name: an unregistered one (past the config's check) is an error naming the
+    registered ones, not a CIFAR10-DVS run."""
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match=r"unknown data set 'bogus' \(allowed: digits, mnist, .*, cifar10dvs\)"):
+        load_data(DataConfig.model_construct(name="bogus"), CPU)
+
+
 class _RandomCrops(torch.utils.data.Dataset):
     """Stands in for a file data set whose transform draws random numbers in the DataLoader's workers."""
 

@@ -11,7 +11,7 @@ from trainer.checkpoint import load_model
 from trainer.config import load
 from trainer.data import encode, load_data
 from trainer.diagnostics import GradStats
-from trainer.fit import DivergedError, fit
+from trainer.fit import DivergedError, Training, fit
 
 from conftest import ROOT
 
@@ -87,11 +87,10 @@ def test_grad_stats_are_the_mean_and_variance_of_abs_grad():
 
 def _backbone_with_heads(exits, arch="resnet20"):
     from trainer.heads import ShortcutNet
-    from trainer.models import build_backbone, make_neuron
 
     cfg = load(None, ["model.width=4", f"model.arch={arch}"])
-    neuron = make_neuron(cfg.neuron, cuda=False)
-    backbone = build_backbone(cfg.model, neuron, 10, 1)
+    neuron = cfg.neuron.factory(cuda=False)
+    backbone = cfg.model.build(10, 1, neuron)
     return backbone, ShortcutNet(backbone, exits, 10, neuron)
 
 
@@ -180,10 +179,18 @@ def test_shipped_config_trains_an_epoch_with_its_heads(tmp_path, path):
     on files in the real format in test_data.py), with everything else as shipped."""
     on_digits = [] if load(path).data.name == "digits" else ["data.name=digits", "data.image_size=8"]
     cfg = load(path, ["data.limit=64", "optim.epochs=1", "model.width=4", f"run.out_dir={tmp_path}", *on_digits])
+    fresh = Training.set_up(cfg).backbone  # what fit starts from: same seed, data and initial weights
+    initial = {k: v.clone() for k, v in fresh.state_dict().items()}
     result = fit(cfg)
     assert math.isfinite(result.history[0].metrics["train_loss"])
-    assert result.history[0].grad_stats  # heads and all, the net trained
-    assert not any("head" in name for name, _ in result.model.named_modules())  # stripped for inference
+    stats = [s[k] for s in result.history[0].grad_stats.values() for k in ("mean", "var")]
+    assert len(stats) == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in fresh.modules())
+    assert all(math.isfinite(v) for v in stats) and max(stats) > 0  # gradients reached the convolutions
+    trained = result.model.state_dict()
+    fresh.load_state_dict(trained, strict=True)  # stripped for inference: the backbone's keys, no head's
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    weights = [f"{name}.weight" for name, m in fresh.named_modules() if isinstance(m, layers)]
+    assert all(not torch.equal(trained[k], initial[k]) for k in weights)  # every layer took optimizer steps
 
 
 def test_heads_stop_running_once_lambda_stays_zero_and_training_is_unchanged(monkeypatch):
@@ -257,19 +264,65 @@ def test_compiled_step_equals_eager(arch, exits):
 
 
 def test_fit_with_the_compiled_step_trains_like_eager_and_still_measures_gradient_flow(monkeypatch):
-    """Inductor on CPU (compiles once, ~1-2 min cold): the per-epoch losses match eager training to 1e-4,
-    and gradient flow comes from the eager steps it samples (the first 8 of each epoch's 12)."""
+    """Inductor on CPU (compiles once, ~1-2 min cold): each compiled step computes the eager step, gradient
+    flow comes from the eager steps it samples (the first 8 of each epoch's 12), and whole runs agree only as
+    well as rounding lets spiking nets agree.
+
+    Measured on an AMD EPYC (AVX2, no AVX-512), 1 and 2 threads, for the bounds below. On the same net, batch
+    and lambda the compiled forward equals eager's bit for bit but for 1.1e-7 in the heads' part, and its
+    gradients are 1e-6 off in norm: inductor's backward sums in another order (another with 1 thread than
+    with 2; each run is deterministic). Eager steps from weights scaled by 1 +- 2^-20 move the forward by at
+    most 1.5e-6, and the gradient by ~5e-6, but in 3 of 192 steps by up to 4.5e-3, where a membrane potential
+    crossed the edge of the surrogate's window. Over whole runs such flips compound: eager training from
+    weights 1 +- 2^-24 off moved the epoch losses in 13 of 64 runs, by up to 5.9e-4 and 2.0e-3 (epochs 0 and
+    1); 1 +- 2^-20 in 62 of 64, by up to 2.7e-3 and 6.5e-3. The compiled run is such a run: on that CPU a
+    1e-4 bound once failed at 1.7e-4 (2.3413 against 2.3409). Each bound is ~3x the widest move measured."""
     import trainer.fit
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from trainer.fit import step_loss
 
     torch._dynamo.reset()  # whatever other tests traced, this fit compiles from scratch, as a worker does
-    compiled_calls = []
     real = trainer.fit.compiled_step()
-    monkeypatch.setattr(trainer.fit, "compiled_step", lambda: lambda *a: (compiled_calls.append(1), real(*a))[1])
+    steps, pending, grad_errors = [], [], []
+
+    def checked(net, inputs, y, lam, heads):
+        """The compiled step, after the eager one on the same state (its BN running statistics undone)."""
+        buffers = [b.clone() for b in net.buffers()]
+        params = list(net.parameters())
+        eager = step_loss(net, inputs, y, lam, heads)
+        grads = torch.autograd.grad(eager[1], params, allow_unused=True)
+        with torch.no_grad():
+            for b, saved in zip(net.buffers(), buffers):
+                b.copy_(saved)
+        compiled = real(net, inputs, y, lam, heads)
+        steps.append((compiled, eager))
+        pending.append((params, grads))
+        return compiled
+
+    def compare_grads(optimizer, args, kwargs):  # before each optimizer step: the compiled backward has run
+        if pending:
+            params, grads = pending.pop()
+            assert [p.grad is None for p in params] == [g is None for g in grads]
+            got = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+            want = torch.cat([g.flatten() for g in grads if g is not None])
+            grad_errors.append(((got - want).norm() / want.norm()).item())
+
+    monkeypatch.setattr(trainer.fit, "compiled_step", lambda: checked)
     base = SMALL + ["data.batch_size=8", "heads.exits=[layer1.0]", "lambda.schedule=constant", "lambda.start=0.5"]
-    compiled = fit(load(None, base + ["model.compile=always"]), test=False)
-    assert len(compiled_calls) == 2 * 4  # epochs x the steps after the sampled ones
+    handle = register_optimizer_step_pre_hook(compare_grads)
+    try:
+        compiled = fit(load(None, base + ["model.compile=always"]), test=False)
+    finally:
+        handle.remove()
+    assert len(steps) == 2 * 4 and not pending  # epochs x the steps after the sampled ones
+    for got, want in steps:  # (main logits, loss, main part, heads' part)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=5e-6, atol=1e-6)
+    # a flip at a surrogate's edge moves one step's gradient by up to 4.5e-3; most steps are within 1e-5
+    assert max(grad_errors) < 1.5e-2 and sorted(grad_errors)[len(grad_errors) // 2] < 3e-5, grad_errors
     eager = fit(load(None, base + ["model.compile=never"]), test=False)
     for a, b in zip(compiled.history, eager.history):
-        assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=1e-4)
+        assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=2e-2)
         assert len(a.grad_flow) == 19 and a.grad_stats
     assert set(compiled.history[0].flow_split) == {"main", "heads"}

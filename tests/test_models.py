@@ -4,9 +4,9 @@ import torch.nn.functional as F
 
 from trainer.config import NeuronConfig
 from trainer.heads import ShortcutNet, UnknownExitError
-from trainer.models import ARCHS, SpikingResNet, block_exits, make_neuron
+from trainer.models import ARCHS, block_exits
 
-NEURON = make_neuron(NeuronConfig(), cuda=False)
+NEURON = NeuronConfig().factory(cuda=False)
 
 
 @pytest.mark.parametrize(
@@ -15,7 +15,7 @@ NEURON = make_neuron(NeuronConfig(), cuda=False)
      ("resnet101", 33), ("resnet152", 50)],
 )
 def test_archs_expose_every_block_exit(arch, blocks):
-    model = SpikingResNet(arch, num_classes=7, in_channels=3, neuron=NEURON, width=4)
+    model = ARCHS[arch](num_classes=7, in_channels=3, neuron=NEURON, width=4)
     assert len(model.exits) == blocks
     assert list(model.exits)[0] == "layer1.0"
     x = torch.rand(2, 3, 3, 32, 32)
@@ -28,14 +28,14 @@ def test_archs_expose_every_block_exit(arch, blocks):
 
 
 def test_bottleneck_channels_expand_by_four():
-    model = SpikingResNet("resnet50", 10, 3, NEURON, width=8)
+    model = ARCHS["resnet50"](10, 3, NEURON, width=8)
     assert model.exits["layer1.0"] == 32 and model.exits["layer4.2"] == 8 * 8 * 4
     assert ARCHS["resnet152"].layers == (3, 8, 36, 3)
 
 
 def _net(exits, hidden=0):
     torch.manual_seed(0)
-    backbone = SpikingResNet("resnet20", 10, 1, NEURON, width=8)
+    backbone = ARCHS["resnet20"](10, 1, NEURON, width=8)
     return ShortcutNet(backbone, exits, 10, NEURON, hidden)
 
 
@@ -48,7 +48,7 @@ def test_heads_return_logits_and_strip_keeps_main_output(hidden):
     stripped = net.strip()
     assert not any("heads" in k for k in stripped.state_dict())
     # a net built afresh without heads, given the stripped weights, answers as the net with heads did
-    fresh = SpikingResNet("resnet20", 10, 1, NEURON, width=8).eval()
+    fresh = ARCHS["resnet20"](10, 1, NEURON, width=8).eval()
     fresh.load_state_dict(stripped.state_dict())  # strict: exactly the backbone's keys
     torch.testing.assert_close(fresh(x), main)
     assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in net.parameters())
@@ -56,7 +56,7 @@ def test_heads_return_logits_and_strip_keeps_main_output(hidden):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_block_exits_names_match_the_built_net(arch):
-    assert block_exits(arch) == list(SpikingResNet(arch, 10, 3, NEURON, width=2).exits)
+    assert block_exits(arch) == list(ARCHS[arch](10, 3, NEURON, width=2).exits)
 
 
 def test_head_is_the_time_average_of_a_pooled_linear_classifier():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, build
-from trainer.models import SpikingResNet, build_backbone, make_neuron
+from trainer.models import SpikingResNet
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "last.pt"
@@ -49,8 +49,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> SpikingR
     """The inference model (no heads) in eval mode."""
     blob = torch.load(path, map_location=device, weights_only=True)
     cfg = build(blob["config"], str(path))
-    neuron = make_neuron(cfg.neuron, cuda=torch.device(device).type == "cuda")
-    model = build_backbone(cfg.model, neuron, blob["num_classes"], blob["in_channels"])
+    neuron = cfg.neuron.factory(cuda=torch.device(device).type == "cuda")
+    model = cfg.model.build(blob["num_classes"], blob["in_channels"], neuron)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval()
 
@@ -89,7 +89,7 @@ def save_state(out_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
 
 def load_state(out_dir: Path, device: torch.device) -> dict[str, Any] | None:
     path = out_dir / STATE_FILE
-    return torch.load(path, map_location=device, weights_only=False) if path.exists() else None
+    return torch.load(path, map_location=device, weights_only=True) if path.exists() else None
 
 
 def load_history(out_dir: Path) -> list[dict]:

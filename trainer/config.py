@@ -2,21 +2,35 @@
 
 One format is shared by ``python -m trainer``, the search objective and exported configs.
 Every error is a ``ConfigError`` with a one-line message naming the source, the key and what is allowed.
+The allowed names of data sets, architectures, surrogates, lambda schedules and optimizers are read from
+their registries, so adding one is one registered entry (none of those modules imports this one).
 """
 
 from __future__ import annotations
 
 import copy
 import typing
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from trainer.data import DATASETS
 from trainer.errors import UserError
-from trainer.neuron import Reset
+from trainer.models import ARCHS, NeuronFactory, SpikingResNet, Stem
+from trainer.neuron import LIF, Reset
+from trainer.optim import OPTIMIZERS
+from trainer.schedule import SCHEDULES
 from trainer.surrogate import Name as SurrogateName
+
+# The allowed names, each read from its registry (pydantic's error for a bad one lists them)
+DataName = DATASETS.literal()
+ArchName = ARCHS.literal()
+StemName = Literal[("auto", *typing.get_args(Stem))]  # auto: the architecture's
+ScheduleName = Literal[tuple(SCHEDULES)]
+OptimizerName = OPTIMIZERS.literal()
 
 
 class ConfigError(UserError):
@@ -28,7 +42,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: Literal["digits", "mnist", "cifar10", "cifar100", "imagenet", "cifar10dvs"] = "digits"
+    name: DataName = "digits"
     root: str = "data"
     download: bool = False
     timesteps: int = Field(4, ge=1)
@@ -42,12 +56,14 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["resnet19", "resnet20", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = (
-        "resnet20"
-    )
+    arch: ArchName = "resnet20"
     width: int | None = Field(None, ge=1)
-    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+    stem: StemName = "auto"
     compile: Literal["auto", "always", "never"] = "auto"  # the whole training step; auto: on CUDA
+
+    def build(self, num_classes: int, in_channels: int, neuron: NeuronFactory) -> SpikingResNet:
+        """The backbone (no heads) as configured."""
+        return ARCHS[self.arch](num_classes, in_channels, neuron, self.width, self.stem)
 
 
 class NeuronConfig(Section):
@@ -60,6 +76,12 @@ class NeuronConfig(Section):
     backend: Literal["fused", "loop"] = "fused"
     compile: Literal["auto", "always", "never"] = "auto"
 
+    def factory(self, cuda: bool) -> NeuronFactory:
+        """LIF layers as configured; ``compile: auto`` compiles the fused path on CUDA only."""
+        compile_ = self.compile == "always" or (self.compile == "auto" and cuda)
+        return partial(LIF, self.decay, self.threshold, self.reset, self.detach_reset, self.surrogate,
+                       self.alpha, self.backend, compile_)
+
 
 class HeadsConfig(Section):
     exits: list[str] = Field(default_factory=list)
@@ -67,7 +89,7 @@ class HeadsConfig(Section):
 
 
 class LambdaConfig(Section):
-    schedule: Literal["constant", "linear", "cosine", "exponential", "step"] = "cosine"
+    schedule: ScheduleName = "cosine"
     start: float = Field(1.0, ge=0, le=1)
     end: float = Field(0.0, ge=0, le=1)
     fraction: float = Field(1.0, ge=0, le=1)
@@ -76,7 +98,7 @@ class LambdaConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: OptimizerName = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -138,9 +160,7 @@ def build(data: dict[str, Any], source: str = "config") -> Config:
     if cfg.data.cutout and cfg.data.name not in ("cifar10", "cifar100"):
         raise ConfigError(f"{source}: bad value for 'data.cutout': cutout is for cifar10 and cifar100 "
                           f"(got {cfg.data.cutout} with data.name={cfg.data.name})")
-    from trainer.models import block_exits  # models imports this module
-
-    allowed = block_exits(cfg.model.arch)
+    allowed = ARCHS[cfg.model.arch].exits
     unknown = [e for e in cfg.heads.exits if e not in allowed]
     if unknown:  # caught here, so a search space can check every exit before any trial trains
         raise ConfigError(f"{source}: bad value for 'heads.exits': unknown block exit {unknown[0]!r} for "

@@ -13,23 +13,29 @@ ImageNet streams through a DataLoader. Splits are fixed (generator seed 0) so ev
 trial sees the same validation set; the training order and the augmentation draws depend on (run seed,
 epoch) only (``DataBundle.start_epoch``), so a resumed run sees the batches of an unbroken one.
 Images are in [0, 1]: direct encoding repeats them over T, Poisson encoding samples Bernoulli spikes.
+
+``DATASETS`` maps the config's ``data.name`` to loaders, all called as ``loader(cfg, device, seed)``: adding a
+data set is one ``@DATASETS.register("name")`` function returning a ``DataBundle``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
-from trainer.config import DataConfig
 from trainer.errors import UserError
+from trainer.registry import Registry
+
+if TYPE_CHECKING:  # the config reads its data set names from DATASETS
+    from trainer.config import DataConfig
 
 SPLIT_SEED = 0
 
@@ -60,6 +66,10 @@ class DataBundle:
         """Seed this epoch's draws from (seed, epoch) alone, so a resumed run sees the same batches."""
         self.shuffle.manual_seed(hash((self.seed, epoch)))
         self.workers.manual_seed(hash((self.seed, epoch, 1)))  # ints only: str hashes differ per process
+
+
+Loader = Callable[["DataConfig", torch.device, int], DataBundle]  # (data config, training device, run seed)
+DATASETS: Registry[Loader] = Registry("data set")
 
 
 class Augment:
@@ -160,17 +170,19 @@ def _tensor_bundle(
     )
 
 
-def _digits(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+@DATASETS.register()
+def digits(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
+    raw = load_digits()
+    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(raw.target, dtype=torch.long)
     test_idx, train_idx = split_indices(len(x), (0.2,))
     return _tensor_bundle(cfg, x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10, device, seed)
 
 
-def _mnist(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+@DATASETS.register()
+def mnist(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     from torchvision.datasets import MNIST
 
     train = MNIST(cfg.root, train=True, download=cfg.download)
@@ -220,11 +232,22 @@ def _official_test(
     return _loader_bundle(cfg, splits, num_classes, 3, seed)
 
 
-def _cifar(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
-    """torchvision reads (and downloads) the files; the images then live on the device as uint8."""
-    from torchvision import datasets
+@DATASETS.register()
+def cifar10(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+    from torchvision.datasets import CIFAR10
 
-    cls, classes = (datasets.CIFAR10, 10) if cfg.name == "cifar10" else (datasets.CIFAR100, 100)
+    return _cifar(cfg, device, seed, CIFAR10, 10)
+
+
+@DATASETS.register()
+def cifar100(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+    from torchvision.datasets import CIFAR100
+
+    return _cifar(cfg, device, seed, CIFAR100, 100)
+
+
+def _cifar(cfg: DataConfig, device: torch.device, seed: int, cls: type, classes: int) -> DataBundle:
+    """torchvision reads (and downloads) the files; the images then live on the device as uint8."""
     train = cls(cfg.root, train=True, download=cfg.download)
     test = cls(cfg.root, train=False, download=cfg.download)
     prep = lambda d: torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous()  # noqa: E731 - uint8 [N, 3, 32, 32]
@@ -233,7 +256,9 @@ def _cifar(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
                           Augment(padding=4, flip=True, cutout=cfg.cutout))
 
 
-def _imagenet(cfg: DataConfig, seed: int) -> DataBundle:
+@DATASETS.register()
+def imagenet(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+    """Streams through DataLoader workers; each batch moves to ``device`` in the training loop."""
     from torchvision import datasets, transforms as T
 
     size = cfg.image_size
@@ -280,7 +305,8 @@ def _dvs_frames(cfg: DataConfig, size: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _cifar10dvs(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+@DATASETS.register()
+def cifar10dvs(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     """CIFAR10-DVS has no official split: 10% test, then ``val_fraction`` of the rest for validation. The
     frames are held on the training device like CIFAR's images."""
     if not cfg.download and not os.path.isdir(os.path.join(cfg.root, "CIFAR10DVS")):
@@ -294,24 +320,12 @@ def _cifar10dvs(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
 
 def load_data(cfg: DataConfig, device: torch.device, seed: int = 0) -> DataBundle:
     try:
-        return _load(cfg, device, seed)
+        return DATASETS[cfg.name](cfg, device, seed)
     except RuntimeError as err:  # torchvision's message names neither the folder nor our key
         if "Dataset not found" not in str(err):
             raise
         raise DataNotFoundError(f"{cfg.name} not found under {cfg.root} (set data.download=true to fetch it, "
                                 f"or data.root to where it is)") from None
-
-
-def _load(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
-    if cfg.name == "digits":
-        return _digits(cfg, device, seed)
-    if cfg.name == "mnist":
-        return _mnist(cfg, device, seed)
-    if cfg.name in ("cifar10", "cifar100"):
-        return _cifar(cfg, device, seed)
-    if cfg.name == "imagenet":
-        return _imagenet(cfg, seed)
-    return _cifar10dvs(cfg, device, seed)
 
 
 def encode(x: Tensor, timesteps: int, encoding: str) -> Tensor:

@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,13 @@ from tqdm import tqdm
 
 from trainer.checkpoint import load_state, restore_rng, save_model, save_state
 from trainer.config import Config
-from trainer.data import Batches, encode, load_data
+from trainer.data import Batches, DataBundle, encode, load_data
 from trainer.diagnostics import FiringRates, GradFlow, GradStats
 from trainer.energy import SynapticOps
 from trainer.errors import UserError
 from trainer.heads import ShortcutNet
-from trainer.models import build_backbone, make_neuron
+from trainer.models import SpikingResNet
+from trainer.optim import OPTIMIZERS
 from trainer.schedule import balance, shortcut_parts
 
 
@@ -142,11 +144,147 @@ def compiles(cfg: Config, device: torch.device) -> bool:
     return cfg.model.compile == "always" or (cfg.model.compile == "auto" and device.type == "cuda")
 
 
-def _optimizer(cfg: Config, net: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+class TrainedEpoch(NamedTuple):
+    """What one epoch of training measured, besides the monitors' statistics."""
+
+    loss: float  # mean over the epoch's samples
+    acc: float
+    lam: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class Training:
+    """One ``fit``: what it set up before the first epoch, and the pieces of an epoch (``train_epoch``, then
+    ``validate``, then ``checkpoint``)."""
+
+    cfg: Config
+    device: torch.device
+    data: DataBundle
+    backbone: SpikingResNet
+    net: ShortcutNet  # the backbone with its heads
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    whole: bool  # the whole step is compiled
+    grads: GradStats | None  # weight gradients per conv layer (``run.grad_stats``)
+    flow: GradFlow | None  # gradients at each LIF's input (``run.grad_stats``)
+    out_dir: Path | None
+
+    @classmethod
+    def set_up(cls, cfg: Config) -> Training:
+        """Device, data, net, optimizer and monitors, with the seed set before anything draws from it."""
+        device = resolve_device(cfg.run.device)
+        torch.manual_seed(cfg.run.seed)
+        data = load_data(cfg.data, device, cfg.run.seed)
+        whole = compiles(cfg, device)  # the whole step; the LIF's own compiled loops would nest in it
+        lif = cfg.neuron.model_copy(update={"compile": "never"}) if whole else cfg.neuron
+        neuron = lif.factory(cuda=device.type == "cuda")
+        backbone = cfg.model.build(data.num_classes, data.in_channels, neuron)
+        net = ShortcutNet(backbone, cfg.heads.exits, data.num_classes, neuron, cfg.heads.hidden).to(device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        optimizer = OPTIMIZERS[cfg.optim.name](net.parameters(), cfg.optim)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.epochs)
+        grads, flow = (GradStats(backbone), GradFlow(backbone)) if cfg.run.grad_stats else (None, None)
+        out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
+        return cls(cfg, device, data, backbone, net, optimizer, scheduler, whole, grads, flow, out_dir)
+
+    def resume(self) -> tuple[list[EpochReport], int]:
+        """With ``run.resume`` and a ``last.pt``: the net, optimizer, LR schedule and generators as they were
+        after its last epoch, and (the reports so far, the next epoch); else ([], 0) and nothing changes."""
+        if not (self.cfg.run.resume and self.out_dir and (state := load_state(self.out_dir, self.device))):
+            return [], 0
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state, self.device)
+        return [EpochReport(**r) for r in state["history"]], state["epoch"] + 1
+
+    def sampled(self, epoch: int, step: int, lam: float, heads: bool) -> tuple[bool, bool]:
+        """Whether a step measures gradient flow, and whether it also splits it by loss part. Flow needs
+        hooks, which a compiled step runs without: with the whole step compiled, only the first
+        ``SPLIT_STEPS`` steps of each epoch measure it, run eagerly. The split is for the first
+        ``SPLIT_STEPS`` steps of the first epoch, when both parts have weight."""
+        measured = self.flow is not None and (not self.whole or step < SPLIT_STEPS)
+        return measured, measured and epoch == 0 and step < SPLIT_STEPS and lam > 0 and heads
+
+    def step(self, x: Tensor, y: Tensor, lam: Tensor, heads: bool, measured: bool, split: bool
+             ) -> tuple[Tensor, Tensor]:
+        """One optimizer step on a batch: (main logits, loss)."""
+        flow = self.flow
+        run = compiled_step() if self.whole and not measured else step_loss
+        with flow if measured else nullcontext(), _autocast(self.device, self.cfg.optim.amp):
+            if measured:
+                flow.capture = split
+            inputs = encode(x, self.cfg.data.timesteps, self.cfg.data.encoding)
+            main, loss, main_part, head_part = run(self.net, inputs, y, lam, heads)
+        self.optimizer.zero_grad(set_to_none=True)
+        if split:
+            flow.measure_parts({"main": main_part, "heads": head_part})
+        loss.backward()
+        if self.grads:
+            self.grads.update()
+        self.optimizer.step()
+        return main, loss
+
+    def train_epoch(self, epoch: int, progress: bool = False) -> TrainedEpoch:
+        """One pass over the training batches, then the LR schedule's step; a non-finite mean loss raises
+        ``DivergedError``. The losses add up on the device: one host sync per epoch."""
+        cfg, device = self.cfg, self.device
+        lam = balance(cfg.lambda_, epoch, cfg.optim.epochs) if cfg.heads.exits else 0.0
+        lam_t = torch.tensor(lam, device=device)  # a tensor: a compiled step takes any value without recompiling
+        heads = heads_matter(cfg, epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.net.train()
+        self.data.start_epoch(epoch)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        n = 0
+        batches = tqdm(self.data.train, desc=f"epoch {epoch}", leave=False, disable=not progress)
+        for step, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            main, loss = self.step(x, y, lam_t, heads, *self.sampled(epoch, step, lam, heads))
+            loss_sum += loss.detach() * len(y)
+            correct += (main.detach().argmax(1) == y).sum()
+            n += len(y)
+        self.scheduler.step()
+        train_loss = loss_sum.item() / n
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"training loss is {train_loss} at epoch {epoch}")
+        return TrainedEpoch(train_loss, correct.item() / n, lam, lr, time.perf_counter() - t0)
+
+    def validate(self, epoch: int, trained: TrainedEpoch) -> EpochReport:
+        """The epoch's report: training's figures, the validation pass's (loss, accuracy, synaptic ops and
+        energy, firing rates) and the gradient statistics gathered while training (the monitors reset)."""
+        metrics = {"train_loss": trained.loss, "train_acc": trained.acc}
+        rates, ops = FiringRates(self.backbone), SynapticOps(self.backbone)
+        if self.data.val is not None:  # none when retraining on train + val
+            val = evaluate(self.backbone, self.data.val, self.cfg, self.device, (rates, ops))
+            metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], **ops.summary()}
+        metrics |= {"lambda": trained.lam, "lr": trained.lr, "epoch_time": trained.seconds}
+        grads, flow = self.grads, self.flow
+        return EpochReport(epoch, metrics, grads.summary() if grads else {}, rates.summary(),
+                           flow.summary() if flow else {}, flow.split() if flow else {})
+
+    def checkpoint(self, history: list[EpochReport]) -> None:
+        """``model.pt`` (stripped, with the last epoch's metrics) and ``last.pt`` (what ``resume`` reads)."""
+        self.save_model(history[-1].metrics)
+        save_state(self.out_dir, self.net, self.optimizer, self.scheduler, history[-1].epoch,
+                   [asdict(r) for r in history], self.device)
+
+    def save_model(self, metrics: dict[str, float]) -> Path:
+        """``model.pt`` in ``run.out_dir``: the stripped backbone, its config and ``metrics``."""
+        return save_model(self.out_dir, self.cfg, self.backbone, self.data.num_classes, self.data.in_channels,
+                          metrics)
+
+    def score_test(self) -> dict[str, float]:
+        """The test pass of the stripped model: loss, accuracy, synaptic ops and energy."""
+        ops = SynapticOps(self.backbone)
+        result = evaluate(self.backbone, self.data.test, self.cfg, self.device, (ops,))
+        return {"test_loss": result["loss"], "test_acc": result["acc"],
+                **{f"test_{k}": v for k, v in ops.summary().items()}}
 
 
 def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, test: bool = True) -> FitResult:
@@ -157,98 +295,25 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     loss raises ``DivergedError``. With ``run.out_dir`` set, each epoch writes ``model.pt`` (stripped)
     and ``last.pt`` (resume state); ``run.resume`` continues from ``last.pt``.
     """
-    device = resolve_device(cfg.run.device)
-    torch.manual_seed(cfg.run.seed)
-    data = load_data(cfg.data, device, cfg.run.seed)
-    whole = compiles(cfg, device)  # the whole step; the LIF's own compiled loops would nest in it
-    neuron = make_neuron(cfg.neuron.model_copy(update={"compile": "never"}) if whole else cfg.neuron,
-                         device.type == "cuda")
-    backbone = build_backbone(cfg.model, neuron, data.num_classes, data.in_channels)
-    net = ShortcutNet(backbone, cfg.heads.exits, data.num_classes, neuron, cfg.heads.hidden).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = _optimizer(cfg, net)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.epochs)
-    grads = GradStats(backbone) if cfg.run.grad_stats else None
-    flow = GradFlow(backbone) if cfg.run.grad_stats else None
-    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
-
-    history: list[EpochReport] = []
-    start_epoch = 0
-    if cfg.run.resume and out_dir and (state := load_state(out_dir, device)):
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state, device)
-        history = [EpochReport(**r) for r in state["history"]]
-        start_epoch = state["epoch"] + 1
-
+    training = Training.set_up(cfg)
+    history, start = training.resume()
     epochs = cfg.optim.epochs
-    bar = tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress, initial=start_epoch, total=epochs)
+    bar = tqdm(range(start, epochs), desc="epochs", disable=not progress, initial=start, total=epochs)
     stopped = False
     for epoch in bar:
-        lam = balance(cfg.lambda_, epoch, epochs) if cfg.heads.exits else 0.0
-        lam_t = torch.tensor(lam, device=device)  # a tensor: a compiled step takes any value without recompiling
-        heads_on = heads_matter(cfg, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        net.train()
-        data.start_epoch(epoch)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        n = 0
-        for step, (x, y) in enumerate(tqdm(data.train, desc=f"epoch {epoch}", leave=False, disable=not progress)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # gradient flow needs hooks, which a compiled step runs without: then it samples eager steps
-            measured = flow is not None and (not whole or step < SPLIT_STEPS)
-            split = measured and epoch == 0 and step < SPLIT_STEPS and lam > 0 and heads_on
-            run = compiled_step() if whole and not measured else step_loss
-            with flow if measured else nullcontext(), _autocast(device, cfg.optim.amp):
-                if measured:
-                    flow.capture = split
-                main, loss, main_part, head_part = run(net, encode(x, cfg.data.timesteps, cfg.data.encoding), y,
-                                                       lam_t, heads_on)
-            optimizer.zero_grad(set_to_none=True)
-            if split:
-                flow.measure_parts({"main": main_part, "heads": head_part})
-            loss.backward()
-            if grads:
-                grads.update()
-            optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (main.detach().argmax(1) == y).sum()
-            n += len(y)
-        scheduler.step()
-        train_loss = loss_sum.item() / n
-        if not math.isfinite(train_loss):
-            raise DivergedError(f"training loss is {train_loss} at epoch {epoch}")
-        train_time = time.perf_counter() - t0
-
-        metrics = {"train_loss": train_loss, "train_acc": correct.item() / n}
-        rates, ops = FiringRates(backbone), SynapticOps(backbone)
-        if data.val is not None:  # none when retraining on train + val
-            val = evaluate(backbone, data.val, cfg, device, (rates, ops))
-            metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], **ops.summary()}
-        metrics |= {"lambda": lam, "lr": lr, "epoch_time": train_time}
-        report = EpochReport(epoch, metrics, grads.summary() if grads else {}, rates.summary(),
-                             flow.summary() if flow else {}, flow.split() if flow else {})
+        report = training.validate(epoch, training.train_epoch(epoch, progress))
         history.append(report)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{metrics.get('val_acc', math.nan):.3f}", lam=f"{lam:.2f}")
-        if out_dir:
-            save_model(out_dir, cfg, backbone, data.num_classes, data.in_channels, metrics)
-            save_state(out_dir, net, optimizer, scheduler, epoch, [asdict(r) for r in history], device)
+        m = report.metrics
+        bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m.get('val_acc', math.nan):.3f}",
+                        lam=f"{m['lambda']:.2f}")
+        if training.out_dir:
+            training.checkpoint(history)
         if callback and callback(report):
             stopped = epoch < epochs - 1
             break
 
-    scores = {}
-    if test:
-        ops = SynapticOps(backbone)
-        result = evaluate(backbone, data.test, cfg, device, (ops,))
-        scores = {"test_loss": result["loss"], "test_acc": result["acc"]}
-        scores |= {f"test_{k}": v for k, v in ops.summary().items()}
+    scores = training.score_test() if test else {}
     model_path = None
-    if out_dir:
-        last = history[-1].metrics if history else {}
-        model_path = save_model(out_dir, cfg, backbone, data.num_classes, data.in_channels, {**last, **scores})
-    return FitResult(history, scores, stopped, backbone, model_path)
+    if training.out_dir:
+        model_path = training.save_model({**(history[-1].metrics if history else {}), **scores})
+    return FitResult(history, scores, stopped, training.backbone, model_path)

@@ -2,20 +2,24 @@
 
 Convolutions and batch norm run on the time-flattened batch [T*B, ...] (tdBN style); LIF layers
 run on [T, B, ...]. Block exits are named like torchvision's modules: ``layer1.0``, ``layer1.1``...
+
+``ARCHS`` maps the config's ``model.arch`` names to builders: ``ARCHS["resnet20"](num_classes, in_channels,
+neuron)`` builds the net and ``ARCHS["resnet20"].exits`` names its block exits without building it. This
+module knows nothing of the config (``trainer.config`` reads its names from here).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from functools import partial
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 
-from trainer.config import ModelConfig, NeuronConfig
-from trainer.neuron import LIF
+from trainer.registry import Registry
 
 NeuronFactory = Callable[[], nn.Module]
+Stem = Literal["cifar", "imagenet"]  # "cifar": 3x3 conv; "imagenet": 7x7/2 conv + 3x3/2 max pool
 
 
 def time_distributed(module: nn.Module, x: Tensor) -> Tensor:
@@ -68,28 +72,44 @@ class Bottleneck(nn.Module):
         return self.lif3(out)
 
 
-class ArchSpec(NamedTuple):
+@dataclass(frozen=True)
+class ResNet:
+    """A spiking ResNet's shape. Calling it builds the net, so a shape is the builder ``ARCHS`` holds, and its
+    block exits are known before any net is built (the config checks ``heads.exits`` against them)."""
+
+    name: str
     block: type[BasicBlock] | type[Bottleneck]
-    layers: tuple[int, ...]
+    layers: tuple[int, ...]  # blocks per stage
     width: int  # channels of the first stage; stage i has width * 2**i
-    stem: str  # "cifar": 3x3 conv; "imagenet": 7x7/2 conv + 3x3/2 max pool
-    fc_hidden: int | None  # ResNet-19 has a 256-unit spiking layer before the classifier
+    stem: Stem
+    fc_hidden: int | None = None  # ResNet-19 has a 256-unit spiking layer before the classifier
+
+    @property
+    def exits(self) -> list[str]:
+        """``layer<stage>.<block>`` of every block, in forward order."""
+        return [f"layer{i + 1}.{j}" for i, blocks in enumerate(self.layers) for j in range(blocks)]
+
+    def __call__(self, num_classes: int, in_channels: int, neuron: NeuronFactory, width: int | None = None,
+                 stem: Stem | Literal["auto"] = "auto") -> SpikingResNet:
+        return SpikingResNet(self, num_classes, in_channels, neuron, width, stem)
 
 
-ARCHS: dict[str, ArchSpec] = {
-    "resnet19": ArchSpec(BasicBlock, (3, 3, 2), 128, "cifar", 256),
-    "resnet20": ArchSpec(BasicBlock, (3, 3, 3), 16, "cifar", None),
-    "resnet18": ArchSpec(BasicBlock, (2, 2, 2, 2), 64, "imagenet", None),
-    "resnet34": ArchSpec(BasicBlock, (3, 4, 6, 3), 64, "imagenet", None),
-    "resnet50": ArchSpec(Bottleneck, (3, 4, 6, 3), 64, "imagenet", None),
-    "resnet101": ArchSpec(Bottleneck, (3, 4, 23, 3), 64, "imagenet", None),
-    "resnet152": ArchSpec(Bottleneck, (3, 8, 36, 3), 64, "imagenet", None),
-}
+ARCHS: Registry[ResNet] = Registry("architecture")
+for _shape in (
+    ResNet("resnet19", BasicBlock, (3, 3, 2), 128, "cifar", fc_hidden=256),  # Zheng et al. 2021 (tdBN)
+    ResNet("resnet20", BasicBlock, (3, 3, 3), 16, "cifar"),  # He et al. 2016, for CIFAR
+    ResNet("resnet18", BasicBlock, (2, 2, 2, 2), 64, "imagenet"),
+    ResNet("resnet34", BasicBlock, (3, 4, 6, 3), 64, "imagenet"),
+    ResNet("resnet50", Bottleneck, (3, 4, 6, 3), 64, "imagenet"),
+    ResNet("resnet101", Bottleneck, (3, 4, 23, 3), 64, "imagenet"),
+    ResNet("resnet152", Bottleneck, (3, 8, 36, 3), 64, "imagenet"),
+):
+    ARCHS.register(_shape.name)(_shape)
 
 
 def block_exits(arch: str) -> list[str]:
     """Names of the block exits of ``arch`` (``layer<stage>.<block>``), without building the net."""
-    return [f"layer{i + 1}.{j}" for i, blocks in enumerate(ARCHS[arch].layers) for j in range(blocks)]
+    return ARCHS[arch].exits
 
 
 class SpikingResNet(nn.Module):
@@ -97,15 +117,14 @@ class SpikingResNet(nn.Module):
 
     def __init__(
         self,
-        arch: str,
+        spec: ResNet,
         num_classes: int,
         in_channels: int,
         neuron: NeuronFactory,
         width: int | None = None,
-        stem: str = "auto",
+        stem: Stem | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
-        spec = ARCHS[arch]
         width = width or spec.width
         stem = spec.stem if stem == "auto" else stem
         self.stem = conv_bn(in_channels, width, 3) if stem == "cifar" else conv_bn(in_channels, width, 7, 2)
@@ -131,7 +150,7 @@ class SpikingResNet(nn.Module):
             self.fc_lif = neuron()
             cin = spec.fc_hidden
         self.fc = nn.Linear(cin, num_classes)
-        self.arch = arch
+        self.arch = spec.name
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -155,16 +174,3 @@ class SpikingResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_taps(x)[0]
-
-
-def make_neuron(cfg: NeuronConfig, cuda: bool) -> NeuronFactory:
-    """LIF layers as configured; ``compile: auto`` compiles the fused path on CUDA only."""
-    compile_ = cfg.compile == "always" or (cfg.compile == "auto" and cuda)
-    return partial(
-        LIF, cfg.decay, cfg.threshold, cfg.reset, cfg.detach_reset, cfg.surrogate, cfg.alpha,
-        cfg.backend, compile_,
-    )
-
-
-def build_backbone(cfg: ModelConfig, neuron: NeuronFactory, num_classes: int, in_channels: int) -> SpikingResNet:
-    return SpikingResNet(cfg.arch, num_classes, in_channels, neuron, cfg.width, cfg.stem)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.config import LambdaConfig
+if TYPE_CHECKING:  # the config reads its schedule names from SCHEDULES
+    from trainer.config import LambdaConfig
 
 
 def progress(epoch: int, epochs: int, fraction: float) -> float:
