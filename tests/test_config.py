@@ -108,43 +108,9 @@ def test_the_allowed_names_are_the_registrys(section, key, registry):
     assert all(repr(n) in str(err.value) for n in names)
 
 
-def _runtime_imports(path) -> set[str]:
-    """The ``trainer.*`` modules a file imports when it runs: at module level or in a function, but not
-    under ``if TYPE_CHECKING:`` (annotations only)."""
-    import ast
-
-    found: set[str] = set()
-
-    def visit(node) -> None:
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            return
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trainer."):
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("trainer."))
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text()))
-    return found
-
-
-def test_the_trainer_imports_no_module_that_imports_it_back():
-    """No import cycle in ``trainer`` (config reads the registries' names; none of them imports config), not
-    even one dodged by importing inside a function, as ``config.build`` once imported ``trainer.models``."""
-    graph = {f"trainer.{p.stem}": _runtime_imports(p) for p in (ROOT / "trainer").glob("*.py")}
-    done: set[str] = set()
-
-    def walk(module: str, path: tuple[str, ...]) -> None:
-        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + (module,))}"
-        if module not in done:
-            for dep in graph.get(module, ()):
-                walk(dep, path + (module,))
-            done.add(module)
-
-    for module in graph:
-        walk(module, ())
-    assert "trainer.models" in graph["trainer.config"]  # the check sees the edges it is about
+def test_the_registries_never_import_the_config():
+    """The config reads the registries' names, so none of them may import it back (the import graph of
+    the whole project is checked in tests/test_layout.py)."""
     registries = "trainer.models, trainer.data, trainer.schedule, trainer.optim, trainer.surrogate"
     code = f"import sys, {registries}; print('trainer.config' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
