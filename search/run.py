@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     from search.workers import devices
 
     worker_devices = devices(args.devices, args.workers) if args.workers or args.devices else []
+    from trainer.fit import check_device
+
+    for device in {space.config({}).run.device, *worker_devices}:
+        check_device(device)  # before the study: a missing GPU would fail every trial
     url = args.storage or space.study.storage or default_url(space.study.name)
     root = args.study_dir or study_dir(url, space.study.name)
     storage = open_storage(url, space.study.heartbeat, space.study.max_retry)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-import reprlib
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,24 +40,13 @@ from search.metrics import METRICS
 from search.pruners import PRUNERS
 from search.samplers import SAMPLERS, grid
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
-from trainer.errors import UserError
+from trainer.errors import UserError, quote
 
 MAX_GRID = 10**6  # grid points of one parameter: more would not run, and would fill memory at load
 
 
 class SpaceError(UserError):
     """A bad space file; the message is one line."""
-
-
-_QUOTE = reprlib.Repr()
-_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 80, 80
-
-
-def _got(value: Any) -> str:
-    """``value`` as a message quotes it, in at most 80 characters: a YAML alias bomb can expand to
-    gigabytes, so even the repr is built with bounded depth and length."""
-    text = _QUOTE.repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _bad(message: str, at: str = "") -> PydanticCustomError:
@@ -77,7 +65,7 @@ def _one_line(err: ValidationError, path: Path) -> str:
     key = ".".join([*loc, at] if at else loc)
     if first["type"] == "space":
         return f"{path}: '{key}': {first['msg']}"
-    return f"{path}: '{key}': {first['msg']} (got {_got(first.get('input'))})"
+    return f"{path}: '{key}': {first['msg']} (got {quote(first.get('input'))})"
 
 
 def _err(path: Path, key: str, message: str) -> SpaceError:
@@ -89,7 +77,7 @@ def _check(ok: Callable[[Any], bool], wants: str) -> PlainValidator:
 
     def check(value: Any) -> Any:
         if not ok(value):
-            raise _bad(f"{wants} (got {_got(value)})")
+            raise _bad(f"{wants} (got {quote(value)})")
         return value
 
     return PlainValidator(check)
@@ -116,7 +104,7 @@ def _one_of(names: dict[str, Any]) -> PlainValidator:
 
     def check(value: Any) -> str:
         if not isinstance(value, str) or value not in names:
-            raise _bad(f"got {_got(value)} (allowed: {', '.join(names)})")
+            raise _bad(f"got {quote(value)} (allowed: {', '.join(names)})")
         return value
 
     return PlainValidator(check)
@@ -132,7 +120,7 @@ def _metrics(value: Any) -> list[str]:
     metrics = _as_list(value)
     for m in metrics:
         if not isinstance(m, str) or m not in METRICS:
-            raise _bad(f"unknown metric {_got(m)} (allowed: {', '.join(METRICS)})")
+            raise _bad(f"unknown metric {quote(m)} (allowed: {', '.join(METRICS)})")
     return metrics
 
 
@@ -140,7 +128,7 @@ def _seconds(value: Any) -> float | None:
     if value is None:
         return None
     if not _finite(value) or value <= 0:
-        raise _bad(f"must be seconds > 0 or null (got {_got(value)})")
+        raise _bad(f"must be seconds > 0 or null (got {quote(value)})")
     return float(value)
 
 
@@ -149,7 +137,7 @@ def _mapping(wants: str) -> PlainValidator:
 
     def check(value: Any) -> dict[str, Any]:
         if value is not None and not isinstance(value, dict):
-            raise _bad(f"{wants} (got {_got(value)})")
+            raise _bad(f"{wants} (got {quote(value)})")
         return value or {}
 
     return PlainValidator(check)
@@ -158,7 +146,7 @@ def _mapping(wants: str) -> PlainValidator:
 def _when(value: Any) -> dict[str, list[Any]]:
     """``{other.key: values}``, a single value standing for a list of one."""
     if value is not None and not isinstance(value, dict):
-        raise _bad(f"must map earlier parameters to their values (got {_got(value)})")
+        raise _bad(f"must map earlier parameters to their values (got {quote(value)})")
     return {other: _as_list(values) for other, values in (value or {}).items()}
 
 
@@ -414,7 +402,7 @@ class SpaceFile(_Model):
     def _typed(cls, specs: Any) -> Any:
         """Each parameter names one of ``TYPES`` (which the union's own error would not list)."""
         if specs is not None and not isinstance(specs, dict):
-            raise _bad(f"must map dotted config keys to parameters (got {_got(specs)})")
+            raise _bad(f"must map dotted config keys to parameters (got {quote(specs)})")
         if not specs:
             raise _bad("needs at least one parameter")
         for key, spec in specs.items():
@@ -431,7 +419,7 @@ class SpaceFile(_Model):
             param.key = key
             for other in param.when:
                 if other not in earlier:
-                    raise _bad(f"{_got(other)} must be a parameter listed earlier "
+                    raise _bad(f"{quote(other)} must be a parameter listed earlier "
                                f"(allowed: {', '.join(earlier) or 'none'})", at=f"{key}.when")
             earlier.append(key)
         return params

@@ -56,6 +56,9 @@ def test_snn_search_run_and_the_documented_script_run_the_same_study(tmp_path):
     (["-m", "trainer", "--set", "run.device=cuda:99"], ["run.device is 'cuda:99'", "allowed here: auto, cpu"]),
     (["-m", "trainer", "--set", "model.arch=resnet9"], ["model.arch", "resnet20"]),
     (["-m", "trainer", "--epochs", "3"], ["unrecognized arguments: --epochs"]),
+    (["-m", "trainer", "--set", "optim.lr=["], ["override: 'optim.lr': not a YAML value"]),
+    (["search/run.py", "--space", "spaces/lambda_decay.yaml", "--set", "run.device=cuda:99",
+      "--storage", "sqlite:///{tmp}/x.db"], ["run.device is 'cuda:99'"]),
 ])
 def test_every_user_error_is_one_line_and_exit_2(tmp_path, cmd, fragments):
     one_line_error(run(sys.executable, *[c.format(tmp=tmp_path) for c in cmd]), *fragments)

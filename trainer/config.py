@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.data import DATASETS
-from trainer.errors import UserError
+from trainer.errors import UserError, quote
 from trainer.models import ARCHS, NeuronFactory, SpikingResNet, Stem
 from trainer.neuron import LIF, Reset
 from trainer.optim import OPTIMIZERS
@@ -147,7 +147,7 @@ def _one_line(err: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}' (allowed: {_allowed(Config, first['loc'])})"
-    return f"{source}: bad value for '{key}': {first['msg']} (got {first.get('input')!r})"
+    return f"{source}: bad value for '{key}': {first['msg']} (got {quote(first.get('input'))})"
 
 
 def build(data: dict[str, Any], source: str = "config") -> Config:
@@ -192,7 +192,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override: '{item}' is not key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError) as err:
+        raise ConfigError(f"override: '{key.strip()}': not a YAML value ({str(err).splitlines()[0][:120]})") from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -205,6 +208,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except ValueError as err:  # an integer of more digits than Python converts
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0][:120]})") from None
     return data if data is not None else {}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import reprlib
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -16,6 +17,17 @@ from typing import NoReturn
 
 class UserError(ValueError):
     """Bad input (a file, key, value, flag or missing resource); the message is one line naming it."""
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother = 2, 80, 80
+
+
+def quote(value: object) -> str:
+    """``value`` as an error message quotes it, in at most 80 characters: a YAML alias bomb can expand to
+    gigabytes, so even the repr is built with bounded depth and length."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 class Parser(argparse.ArgumentParser):

@@ -69,16 +69,23 @@ Callback = Callable[[EpochReport], bool | None]
 Monitor = AbstractContextManager  # attaches hooks to a model while entered
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a missing GPU is an error, not a silent CPU run."""
+def check_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device of this machine; a missing GPU is an error,
+    not a silent CPU run."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise DeviceError(f"run.device is {name!r} but {torch.cuda.device_count()} CUDA devices are visible "
-                        f"(allowed here: auto, cpu{''.join(f', cuda:{i}' for i in range(torch.cuda.device_count()))})")
+    device, count = torch.device(name), torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise DeviceError(f"run.device is {name!r} but {count} CUDA devices are visible "
+                          f"(allowed here: auto, cpu{''.join(f', cuda:{i}' for i in range(count))})")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``check_device``, made the current CUDA device: compiled kernels and autocast follow it."""
+    device = check_device(name)
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # compiled kernels and autocast follow the current device
+        torch.cuda.set_device(device)
     return device
 
 
