@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import Column, Table, add_json_flag, write_json
 from torch.utils.data import DataLoader
 
 from trainer.config import DataConfig
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    add_json_flag(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
 
@@ -89,12 +91,14 @@ def main() -> None:
                 rates[name].append(n / (time.perf_counter() - t0))
 
     base = "torchvision DataLoader, 0 workers"
-    print(f"# {args.images} CIFAR-10 images, batch {args.batch}, {device}, {args.rounds} rounds")
-    print("| loader | images/s (median) | vs. DataLoader, 0 workers |")
-    print("|---|---|---|")
+    table = Table(f"{args.images} CIFAR-10 images, batch {args.batch}, {device}, {args.rounds} rounds",
+                  "loader", Column("images/s (median)", "{:,.0f}"),
+                  Column("vs. DataLoader, 0 workers", "{:.1f}x"))
+    print(f"# {table.title}\n{table.header()}")
     for name, values in rates.items():
         ratio = statistics.median(a / b for a, b in zip(values, rates[base]))
-        print(f"| {name} | {statistics.median(values):,.0f} | {ratio:.1f}x |")
+        print(table.add(name, statistics.median(values), ratio))
+    write_json(__file__, args, [table])
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from record import Column, Table, add_json_flag, write_json
 from timing import time_ms
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.config import NeuronConfig
 from trainer.heads import ShortcutNet
-from trainer.models import ARCHS, SpikingResNet, make_neuron
+from trainer.models import ARCHS
 from trainer.schedule import shortcut_loss
 
 
@@ -71,20 +72,22 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10, help="rounds in which plain and heads runs take turns")
+    add_json_flag(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    neuron = make_neuron(NeuronConfig(), cuda)
-    print(f"# device {device}, batch {args.batch}, T={args.timesteps}, head hidden={args.hidden}, "
-          f"{'bf16 autocast, channels_last, compiled LIF' if cuda else 'fp32, eager LIF'}")
-    print("| arch | input | heads at | ms/step plain | ms/step heads | overhead | ops/step plain | heads' ops "
-          "| CIFAR-10 epoch (plain) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    neuron = NeuronConfig().factory(cuda)
+    table = Table(f"device {device}, batch {args.batch}, T={args.timesteps}, head hidden={args.hidden}, "
+                  f"{'bf16 autocast, channels_last, compiled LIF' if cuda else 'fp32, eager LIF'}",
+                  "arch", Column("input", "{0}x{0}"), "heads at", Column("ms/step plain", "{:.1f}"),
+                  Column("ms/step heads", "{:.1f}"), Column("overhead", "{:+.1%}"), "ops/step plain",
+                  Column("heads' ops", "+{}"), Column("CIFAR-10 epoch (plain)", "{:.0f} s"))
+    print(f"# {table.title}\n{table.header()}")
     for arch in args.archs:
         size = 8 if arch == "resnet20" and not cuda else (64 if ARCHS[arch].stem == "imagenet" else 32)
         channels = 1 if size == 8 else 3
         torch.manual_seed(0)
-        backbone = SpikingResNet(arch, 10, channels, neuron)
+        backbone = ARCHS[arch](10, channels, neuron)
         stage_ends = [f"layer{i + 1}.{n - 1}" for i, n in enumerate(ARCHS[arch].layers[:-1])]
         x = torch.rand(args.timesteps, args.batch, channels, size, size, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)
@@ -100,9 +103,9 @@ def main() -> None:
         times = [statistics.median(r[i] for r in rounds) for i in range(2)]
         overhead = statistics.median(heads / plain for plain, heads in rounds) - 1
         epoch_s = times[0] / 1000 * 40_000 / args.batch
-        print(f"| {arch} | {size}x{size} | {', '.join(stage_ends)} | {times[0]:.1f} | {times[1]:.1f} | "
-              f"{overhead * 100:+.1f}% | {ops[0]} | +{ops[1] - ops[0]} | {epoch_s:.0f} s |",
-              flush=True)
+        print(table.add(arch, size, ", ".join(stage_ends), *times, overhead, ops[0], ops[1] - ops[0],
+                        epoch_s), flush=True)
+    write_json(__file__, args, [table])
 
 
 if __name__ == "__main__":

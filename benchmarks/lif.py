@@ -27,6 +27,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
+from record import Column, Table, add_json_flag, write_json
 from timing import time_ms
 
 from trainer.neuron import LIF, lif_loop
@@ -87,11 +88,11 @@ def timed(
     return ms, s.detach(), g.clone()
 
 
-def speedup(rounds: list[dict[str, tuple]], baseline: str, name: str) -> str:
-    """Median over rounds of the baseline's time / this neuron's time in the same round."""
+def speedup(rounds: list[dict[str, tuple]], baseline: str, name: str) -> float | None:
+    """Median over rounds of the baseline's time / this one's in the same round; None without the baseline."""
     if baseline not in rounds[0]:
-        return "n/a"
-    return f"{statistics.median(r[baseline][0] / r[name][0] for r in rounds):.2f}x"
+        return None
+    return statistics.median(r[baseline][0] / r[name][0] for r in rounds)
 
 
 def main() -> None:
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds in which the neurons take turns")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--batch", type=int, default=64)
+    add_json_flag(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     # name -> (callable or None, whether its reset passes no gradient)
@@ -112,9 +114,12 @@ def main() -> None:
         "snnTorch Leaky": (snntorch(device), True),
     }
     malloc = "freed memory kept" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc default"
-    print(f"# device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}")
-    print("| T | neuron | ms fwd+bwd | vs our loop | vs SpikingJelly | spikes equal | grads equal |")
-    print("|---|---|---|---|---|---|---|")
+    threads = torch.get_num_threads()
+    table = Table(f"device {device}, torch {torch.__version__}, {threads} threads, malloc: {malloc}",
+                  "T", "neuron", Column("ms fwd+bwd", "{:.2f}", none="not installed"),
+                  Column("vs our loop", "{:.2f}x", none="n/a"),
+                  Column("vs SpikingJelly", "{:.2f}x", none="n/a"), "spikes equal", "grads equal")
+    print(f"# {table.title}\n{table.header()}")
     for T in args.timesteps:
         torch.manual_seed(0)
         x = (torch.randn(T, args.batch, 64, 16, 16, device=device) * 1.5).requires_grad_()
@@ -131,13 +136,14 @@ def main() -> None:
                    for name in installed}
         for name, (fn, detach) in candidates.items():
             if name not in results:
-                print(f"| {T} | {name} | not installed | | | | |")
+                print(table.add(T, name, None))
                 continue
             ms, s, g = results[name]
             ref_s, ref_g = reference[detach]
-            print(f"| {T} | {name} | {ms:.2f} | {speedup(rounds, 'ours loop', name)} | "
-                  f"{speedup(rounds, 'SpikingJelly LIFNode', name)} | {torch.equal(s, ref_s)} | "
-                  f"{torch.allclose(g, ref_g, rtol=1e-4, atol=1e-6)} |", flush=True)
+            print(table.add(T, name, ms, speedup(rounds, "ours loop", name),
+                            speedup(rounds, "SpikingJelly LIFNode", name), torch.equal(s, ref_s),
+                            torch.allclose(g, ref_g, rtol=1e-4, atol=1e-6)), flush=True)
+    write_json(__file__, args, [table])
 
 
 if __name__ == "__main__":

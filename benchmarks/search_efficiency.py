@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from optuna.trial import TrialState
+from record import Column, Table, add_json_flag, write_json
 from scipy.stats import spearmanr
 
 from search.optuna_backend import run
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_json_flag(parser)
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
@@ -63,23 +65,29 @@ def main() -> None:
         tpe = search(args.space, args.overrides, "tpe", "hyperband", args.trials, seed + 1000)
         reach = next((e for e, b in tpe["curve"] if b >= rand["best"]), None)
         rows.append((seed, rand, tpe, reach))
-    print(f"\n# {args.space}, {args.trials} trials each, val_acc (a pruned trial counts the value it ended on)")
-    print("| seed | search | best val acc | epochs spent | trials/min | wall s | epochs to reach random's best |")
-    print("|---|---|---|---|---|---|---|")
+    searches = Table(f"{args.space}, {args.trials} trials each, val_acc "
+                     "(a pruned trial counts the value it ended on)",
+                     "seed", "search", Column("best val acc", "{:.3f}"), "epochs spent",
+                     Column("trials/min", "{:.1f}"), Column("wall s", "{:.0f}"),
+                     Column("epochs to reach random's best", "{0[epochs]} of {0[of]} = {0[fraction]:.0%}",
+                            none="not reached"))
+    print(f"\n# {searches.title}\n{searches.header()}")
     for seed, rand, tpe, reach in rows:
         for name, r in (("random, no pruning", rand), ("TPE + Hyperband", tpe)):
-            to_reach = "" if r is rand else (f"{reach} of {rand['epochs']} = {reach / rand['epochs']:.0%}"
-                                             if reach is not None else "not reached")
-            print(f"| {seed} | {name} | {r['best']:.3f} | {r['epochs']} | {r['per_min']:.1f} | "
-                  f"{r['seconds']:.0f} | {to_reach} |")
+            # random search's row has no such cell: its best is what is to be reached
+            to_reach = [] if r is rand else [None if reach is None else {
+                "epochs": reach, "of": rand["epochs"], "fraction": reach / rand["epochs"]}]
+            print(searches.add(seed, name, r["best"], r["epochs"], r["per_min"], r["seconds"], *to_reach))
     epochs = len(rows[0][1]["val_acc_curves"][0])
-    print("\n# Spearman's rho of val acc after k epochs with the final val acc, random search's trials")
-    print("| seed | " + " | ".join(f"k={k}" for k in range(1, epochs)) + " |")
-    print("|---|" + "---|" * (epochs - 1))
+    ranks = Table("Spearman's rho of val acc after k epochs with the final val acc, random search's trials",
+                  "seed", *(Column(f"k={k}", "{:+.2f}") for k in range(1, epochs)))
+    print(f"\n# {ranks.title}\n{ranks.header()}")
     for seed, rand, _, _ in rows:
-        final = [c[-1] for c in rand["val_acc_curves"]]
-        rhos = [spearmanr([c[k - 1] for c in rand["val_acc_curves"]], final)[0] for k in range(1, epochs)]
-        print(f"| {seed} | " + " | ".join(f"{rho:+.2f}" for rho in rhos) + " |")
+        curves = rand["val_acc_curves"]
+        final = [c[-1] for c in curves]
+        rhos = [float(spearmanr([c[k - 1] for c in curves], final)[0]) for k in range(1, epochs)]
+        print(ranks.add(seed, *rhos))
+    write_json(__file__, args, [searches, ranks])
 
 
 if __name__ == "__main__":

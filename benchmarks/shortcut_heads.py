@@ -20,6 +20,8 @@ import argparse
 import statistics
 import time
 
+from record import Column, Table, add_json_flag, write_json
+
 from trainer.config import load
 from trainer.fit import FitResult, fit
 
@@ -37,7 +39,8 @@ ARCH = {"resnet20": ["model.arch=resnet20"],  # a deep net at a width a CPU trai
         "resnet34": ["model.arch=resnet34", "model.width=16", "model.stem=cifar"]}
 
 
-def flow(config: str, overrides: list[str], archs: list[str], rounds: int) -> None:
+def flow(config: str, overrides: list[str], archs: list[str], rounds: int) -> list[Table]:
+    tables = []
     for arch in archs:
         for surrogate, neuron in SURROGATES.items():
             first = overrides + ARCH[arch] + neuron
@@ -45,20 +48,25 @@ def flow(config: str, overrides: list[str], archs: list[str], rounds: int) -> No
             plain = fit(load(config, first + ["heads.exits=[]"]), stop, test=False).history[0]
             heads = fit(load(config, first), stop, test=False).history[0]
             split = heads.flow_split
-            print(f"\n{arch}, {surrogate}: mean |dL/dx| at each LIF input, first epoch (lambda "
-                  f"{heads.metrics['lambda']:.2f}); val acc {plain.metrics['val_acc']:.3f} plain, "
-                  f"{heads.metrics['val_acc']:.3f} heads")
-            print("| LIF layer | no heads | with heads | ratio | heads' share |")
-            print("|---|---|---|---|---|")
+            table = Table(f"{arch}, {surrogate}: mean |dL/dx| at each LIF input, first epoch (lambda "
+                          f"{heads.metrics['lambda']:.2f}); val acc {plain.metrics['val_acc']:.3f} plain, "
+                          f"{heads.metrics['val_acc']:.3f} heads",
+                          "LIF layer", Column("no heads", "{:.2e}"), Column("with heads", "{:.2e}"),
+                          Column("ratio", "{:.2f}"), Column("heads' share", "{:.2f}"))
+            tables.append(table)
+            print(f"\n{table.title}\n{table.header()}")
             for layer, stats in plain.grad_flow.items():
                 with_heads = heads.grad_flow[layer]["mean"]
                 h = split.get("heads", {}).get(layer, {}).get("mean", 0.0)
                 m = split.get("main", {}).get(layer, {}).get("mean", 0.0)
-                print(f"| {layer} | {stats['mean']:.2e} | {with_heads:.2e} | {with_heads / stats['mean']:.2f} | "
-                      f"{h / (h + m) if h + m else 0:.2f} |", flush=True)
+                print(table.add(layer, stats["mean"], with_heads, with_heads / stats["mean"],
+                                h / (h + m) if h + m else 0.0), flush=True)
 
-    print("\n| diagnostics (grad stats + gradient flow) | s per epoch, off | on | on / off |")
-    print("|---|---|---|---|")
+    cost = Table("cost of the diagnostics per epoch (run.grad_stats off vs. on, medians of paired rounds)",
+                 "diagnostics (grad stats + gradient flow)", Column("s per epoch, off", "{:.2f}"),
+                 Column("on", "{:.2f}"), Column("on / off", "{:.3f}"))
+    tables.append(cost)
+    print(f"\n{cost.header()}")
     for arch in archs:
         times: dict[bool, list[float]] = {False: [], True: []}
         for r in range(rounds):  # paired, alternating order: drift of the machine's speed cancels
@@ -67,8 +75,8 @@ def flow(config: str, overrides: list[str], archs: list[str], rounds: int) -> No
                 second = fit(cfg, lambda report: report.epoch == 1, test=False).history[1]  # no split steps
                 times[on].append(second.metrics["epoch_time"])
         ratios = statistics.median(b / a for a, b in zip(times[False], times[True]))
-        print(f"| {arch} | {statistics.median(times[False]):.2f} | {statistics.median(times[True]):.2f} | "
-              f"{ratios:.3f} |", flush=True)
+        print(cost.add(arch, *(statistics.median(times[on]) for on in (False, True)), ratios), flush=True)
+    return tables
 
 
 def main() -> None:
@@ -79,12 +87,19 @@ def main() -> None:
     parser.add_argument("--flow", action="store_true", help="gradient flow per LIF layer (see above)")
     parser.add_argument("--archs", nargs="+", default=list(ARCH), choices=list(ARCH))
     parser.add_argument("--rounds", type=int, default=3, help="--flow: paired rounds of the diagnostics' cost")
+    add_json_flag(parser)
     args = parser.parse_args()
-    if args.flow:
-        return flow(args.config, args.overrides, args.archs, args.rounds)
+    if args.flow:  # its own default file: a --flow run does not overwrite the comparison's tables
+        tables = flow(args.config, args.overrides, args.archs, args.rounds)
+        write_json(__file__, args, tables, "shortcut_heads_flow")
+        return
     cfg = load(args.config, args.overrides)
-    print(f"# {cfg.model.arch} on {cfg.data.name}, T={cfg.data.timesteps}, {cfg.optim.epochs} epochs, "
-          f"heads at {cfg.heads.exits}, lambda {cfg.lambda_.schedule} {cfg.lambda_.start}->{cfg.lambda_.end}")
+    lam = cfg.lambda_
+    runs = Table(f"{cfg.model.arch} on {cfg.data.name}, T={cfg.data.timesteps}, {cfg.optim.epochs} epochs, "
+                 f"heads at {cfg.heads.exits}, lambda {lam.schedule} {lam.start}->{lam.end}",
+                 "run", Column("final val acc (mean ± sd)", "{0[mean]:.3f} ± {0[sd]:.3f}"),
+                 Column("best val acc", "{:.3f}"), Column("test acc", "{:.3f}"), Column("s/run", "{:.0f}"))
+    print(f"# {runs.title}")
 
     rows, first_grads = [], {}
     for seed in args.seeds:
@@ -97,26 +112,28 @@ def main() -> None:
                   flush=True)
             first_grads.setdefault(heads, []).append(result.history[0].grad_stats)
 
-    print("\n| run | final val acc (mean ± sd) | best val acc | test acc | s/run |")
-    print("|---|---|---|---|---|")
+    print(f"\n{runs.header()}")
     means = {}
     for heads in (False, True):
         sel = [r for r in rows if r[1] == heads]
         col = lambda i: [r[i] for r in sel]  # noqa: E731
         means[heads] = statistics.mean(col(2))
         sd = statistics.stdev(col(2)) if len(sel) > 1 else 0.0
-        print(f"| {'heads + lambda' if heads else 'no heads'} | {means[heads]:.3f} ± {sd:.3f} | "
-              f"{statistics.mean(col(3)):.3f} | {statistics.mean(col(4)):.3f} | {statistics.mean(col(5)):.0f} |")
+        print(runs.add("heads + lambda" if heads else "no heads", {"mean": means[heads], "sd": sd},
+                       *(statistics.mean(col(i)) for i in (3, 4, 5))))
     print(f"\nheads / no heads, final val acc: {means[True] / means[False]:.2f}x")
 
-    print("\n| layer | mean abs grad, no heads | with heads | ratio |")
-    print("|---|---|---|---|")
+    grads = Table("mean |grad| per layer in the first epoch, mean over seeds", "layer",
+                  Column("mean abs grad, no heads", "{:.2e}"), Column("with heads", "{:.2e}"),
+                  Column("ratio", "{:.2f}"))
+    print(f"\n{grads.header()}")
     layers = list(first_grads[False][0])
     for layer in layers:
         plain = statistics.mean(g[layer]["mean"] for g in first_grads[False])
         with_heads = statistics.mean(g[layer]["mean"] for g in first_grads[True])
         ratio = with_heads / plain if plain else float("inf")
-        print(f"| {layer} | {plain:.2e} | {with_heads:.2e} | {ratio:.2f} |")
+        print(grads.add(layer, plain, with_heads, ratio))
+    write_json(__file__, args, [runs, grads])
 
 
 if __name__ == "__main__":

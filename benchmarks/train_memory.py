@@ -16,18 +16,19 @@ import sys
 import time
 
 import torch
+from record import Column, Table, add_json_flag, write_json
 
 
 def measure(arch: str, size: int, batch: int, timesteps: int, device: str) -> dict:
     from trainer.config import NeuronConfig
     from trainer.heads import ShortcutNet
-    from trainer.models import ARCHS, SpikingResNet, make_neuron
+    from trainer.models import ARCHS
     from trainer.schedule import shortcut_loss
 
     dev = torch.device(device)
     channels = 1 if size == 8 else 3
-    neuron = make_neuron(NeuronConfig(), dev.type == "cuda")
-    backbone = SpikingResNet(arch, 10, channels, neuron)
+    neuron = NeuronConfig().factory(dev.type == "cuda")
+    backbone = ARCHS[arch](10, channels, neuron)
     exits = [f"layer{i + 1}.{n - 1}" for i, n in enumerate(ARCHS[arch].layers[:-1])]
     net = ShortcutNet(backbone, exits, 10, neuron).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
@@ -57,13 +58,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8, help="input side (8 = digits, 32 = CIFAR)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: measure one T and print JSON
+    add_json_flag(parser)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.arch, args.size, args.batch, args.one, args.device)))
         return
-    print(f"# {args.arch}, {args.size}x{args.size}, batch {args.batch}, heads at stage ends, device {args.device}")
-    print("| T | peak memory (MiB) | vs T=2 | ms/step (incl. warm-up) |")
-    print("|---|---|---|---|")
+    table = Table(f"{args.arch}, {args.size}x{args.size}, batch {args.batch}, heads at stage ends, "
+                  f"device {args.device}",
+                  "T", Column("peak memory (MiB)", "{:.0f}"), Column("vs T=2", "{:.2f}x"),
+                  Column("ms/step (incl. warm-up)", "{:.0f}"))
+    print(f"# {table.title}\n{table.header()}")
     base = None
     for t in (2, 4, 8):
         out = subprocess.run([sys.executable, __file__, "--one", str(t), "--arch", args.arch, "--size", str(args.size),
@@ -71,7 +75,8 @@ def main() -> None:
                              capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         base = base or row["peak_mib"]
-        print(f"| {t} | {row['peak_mib']:.0f} | {row['peak_mib'] / base:.2f}x | {row['ms_per_step']:.0f} |", flush=True)
+        print(table.add(t, row["peak_mib"], row["peak_mib"] / base, row["ms_per_step"]), flush=True)
+    write_json(__file__, args, [table])
 
 
 if __name__ == "__main__":

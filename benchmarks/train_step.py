@@ -20,11 +20,12 @@ import statistics
 import time
 
 import torch
+from record import Column, Table, add_json_flag, write_json
 
 from trainer.config import load
 from trainer.fit import resolve_device, step_loss
 from trainer.heads import ShortcutNet
-from trainer.models import block_exits, build_backbone, make_neuron
+from trainer.models import block_exits
 
 
 def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: bool, steps: int,
@@ -57,21 +58,23 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the config, e.g. --set heads.hidden=0 (the spaces' pool + linear heads)")
+    add_json_flag(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
     compiled = torch.compile(step_loss, dynamic=False)  # as trainer.fit.compiled_step
-    print(f"# batch {args.batch}, T={args.timesteps}, {args.size}x{args.size} inputs, {device}")
-    print("| arch | heads | eager ms/step | compiled ms/step | compiled / eager | first compiled step, s |")
-    print("|---|---|---|---|---|---|")
+    table = Table(f"batch {args.batch}, T={args.timesteps}, {args.size}x{args.size} inputs, {device}",
+                  "arch", "heads", Column("eager ms/step", "{:.1f}"), Column("compiled ms/step", "{:.1f}"),
+                  Column("compiled / eager", "{:.2f}"), Column("first compiled step, s", "{:.0f}"))
+    print(f"# {table.title}\n{table.header()}")
     for arch in args.archs:
         cfg = load(args.config, args.overrides + [f"model.arch={arch}", "neuron.compile=never", "heads.exits=[]"]
                    + ([f"model.width={args.width}"] if args.width else []))
         wanted = load(args.config, args.overrides).heads
         for heads in (False, True):
             torch.manual_seed(0)
-            neuron = make_neuron(cfg.neuron, cuda=False)
+            neuron = cfg.neuron.factory(cuda=False)
             exits = [e for e in wanted.exits if e in block_exits(arch)] if heads else []
-            backbone = build_backbone(cfg.model, neuron, 10, 1)
+            backbone = cfg.model.build(10, 1, neuron)
             net = ShortcutNet(backbone, exits, 10, neuron, wanted.hidden).to(device)
             x = torch.rand(args.timesteps, args.batch, 1, args.size, args.size, device=device)
             y = torch.randint(0, 10, (args.batch,), device=device)
@@ -80,7 +83,8 @@ def main() -> None:
                        for fn in (step_loss, compiled)] for _ in range(args.rounds)]
             eager, fast = (statistics.median(r[i] for r in rounds) for i in (0, 1))
             ratio = statistics.median(c / e for e, c in rounds)
-            print(f"| {arch} | {len(exits)} | {eager:.1f} | {fast:.1f} | {ratio:.2f} | {first:.0f} |", flush=True)
+            print(table.add(arch, len(exits), eager, fast, ratio, first), flush=True)
+    write_json(__file__, args, [table])
 
 
 if __name__ == "__main__":

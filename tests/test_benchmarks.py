@@ -1,89 +1,157 @@
-"""Each benchmark runs end to end at a tiny size and prints the table the README quotes.
+"""Each benchmark runs end to end at a tiny size; the tests read the JSON it writes beside its tables.
 
 Timings at these sizes mean nothing; what is checked is what a table claims beyond time (equal spikes
-and gradients, op counts, memory growth, the search comparison), so a broken benchmark fails CI.
+and gradients, op counts, memory growth, the search comparison), so a broken benchmark fails CI. Every
+run also checks that the markdown it printed is its JSON's tables rendered, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("benchmarks_record", ROOT / "benchmarks" / "record.py")
+record = sys.modules["benchmarks_record"] = importlib.util.module_from_spec(_spec)  # benchmarks/: no package
+_spec.loader.exec_module(record)
 
 
-def bench(script: str, *args: str) -> list[list[list[str]]]:
-    """Run benchmarks/<script>; return its tables, each as the cells of its rows (header and rule excluded)."""
-    out = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    tables: list[list[list[str]]] = [[]]
-    for line in out.stdout.splitlines():
+def printed_tables(stdout: str) -> list[str]:
+    """The markdown tables in a script's output: each run of consecutive ``|`` lines."""
+    tables: list[list[str]] = [[]]
+    for line in stdout.splitlines():
         if line.startswith("|"):
-            tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+            tables[-1].append(line)
         elif tables[-1]:
             tables.append([])
-    return [t[2:] for t in tables if t]
+    return ["\n".join(t) for t in tables if t]
 
 
-def test_lif_benchmark_checks_every_neuron_against_the_reference() -> None:
-    (rows,) = bench("lif.py", "--timesteps", "2", "--batch", "2", "--rounds", "2", "--repeats", "1")
+def bench(tmp_path: Path, script: str, *args: str) -> tuple[list[list[list[Any]]], dict[str, Any]]:
+    """Run benchmarks/<script> with ``--json``; return its tables' rows and the whole record."""
+    path = tmp_path / "x.json"
+    out = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--json", str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rec = json.loads(path.read_text())
+    assert rec["script"] == script and datetime.date.fromisoformat(rec["date"])
+    machine = rec["machine"]
+    assert set(machine) == {"platform", "processor", "cores", "torch", "cuda"} and machine["cores"] >= 1
+    assert machine["torch"] == torch.__version__
+    assert (machine["cuda"] is None) == (not torch.cuda.is_available())
+    assert "json" not in rec["args"]
+    assert printed_tables(out.stdout) == [record.Table.from_dict(t).markdown() for t in rec["tables"]]
+    return [t["rows"] for t in rec["tables"]], rec
+
+
+def rounded(value: float, digits: int) -> float:
+    """``value`` to the digits its table prints: a claim such as "the time is positive" is about the table."""
+    return round(value, digits)
+
+
+def test_tables_render_the_same_from_json_and_write_to_a_new_folder(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    table = record.Table("t", "name", record.Column("ms", "{:.2f}", none="not installed"),
+                         record.Column("ratio", "{:+.1%}", none="n/a"),
+                         record.Column("mean ± sd", "{0[mean]:.3f} ± {0[sd]:.3f}"))
+    assert table.add("a", 1.234, 0.05, {"mean": 0.5, "sd": 0.01}) == "| a | 1.23 | +5.0% | 0.500 ± 0.010 |"
+    assert table.add("b", 2.0, None) == "| b | 2.00 | n/a |  |"  # a short row: the cells it lacks are blank
+    assert table.add("c", None) == "| c | not installed |  |  |"
+    with pytest.raises(ValueError):
+        table.add("d", 1.0, 0.0, None, "one too many")
+    assert table.header() == "| name | ms | ratio | mean ± sd |\n|---|---|---|---|"
+    monkeypatch.setattr(record, "RESULTS", tmp_path / "results")  # the default folder, missing so far
+    path = record.write_json("benchmarks/lif.py", argparse.Namespace(json=None, batch=2), [table])
+    assert path == tmp_path / "results" / "lif.json"
+    rec = json.loads(path.read_text())
+    assert rec["args"] == {"batch": 2} and rec["tables"][0]["rows"][1] == ["b", 2.0, None]
+    assert record.Table.from_dict(rec["tables"][0]).markdown() == table.markdown()
+
+
+def test_lif_benchmark_checks_every_neuron_against_the_reference(tmp_path: Path) -> None:
+    (rows,), rec = bench(tmp_path, "lif.py", *"--timesteps 2 --batch 2 --rounds 2 --repeats 1".split())
+    assert rec["args"].items() >= {"timesteps": [2], "batch": 2, "rounds": 2, "repeats": 1}.items()
+    assert [row[1] for row in rows] == ["ours loop", "ours fused eager", "ours fused+compile",
+                                        "SpikingJelly LIFNode", "snnTorch Leaky"]
     ours = {row[1]: row for row in rows if row[1].startswith("ours")}
-    assert set(ours) == {"ours loop", "ours fused eager", "ours fused+compile"}
     for row in ours.values():
-        assert row[0] == "2" and float(row[2]) > 0
-        assert row[5:7] == ["True", "True"], row  # spikes and gradients equal the reference loop's
-    assert ours["ours loop"][3] == "1.00x"
+        assert row[0] == 2 and rounded(row[2], 2) > 0
+        assert row[5] is True and row[6] is True, row  # spikes and gradients equal the reference loop's
+    assert ours["ours loop"][3] == 1.0
+    for row in rows[3:]:  # the other libraries: not installed (no measurements), or measured and compared
+        assert row[2:] == [None] or (isinstance(row[2], float) and isinstance(row[5], bool)), row
 
 
-def test_heads_overhead_counts_the_heads_ops() -> None:
-    ((row,),) = bench("heads_overhead.py", "--archs", "resnet20", "--batch", "2", "--rounds", "2", "--repeats", "1")
+def test_heads_overhead_counts_the_heads_ops(tmp_path: Path) -> None:
+    ((row,),), rec = bench(tmp_path, "heads_overhead.py",
+                           *"--archs resnet20 --batch 2 --rounds 2 --repeats 1".split())
+    assert rec["args"].items() >= {"archs": ["resnet20"], "batch": 2, "rounds": 2, "repeats": 1}.items()
     assert row[0] == "resnet20" and row[2] == "layer1.2, layer2.2"
-    plain_ops, head_ops = int(row[6]), int(row[7])
+    plain_ops, head_ops = row[6], row[7]
+    assert type(plain_ops) is int and type(head_ops) is int
     assert plain_ops > 1000 and 0 < head_ops < 100, row  # two heads: a few dozen ops on a >1000-op step
 
 
-def test_train_memory_grows_with_timesteps() -> None:
-    (rows,) = bench("train_memory.py")
-    assert [r[0] for r in rows] == ["2", "4", "8"]
-    peaks = [float(r[1]) for r in rows]
+def test_train_memory_grows_with_timesteps(tmp_path: Path) -> None:
+    (rows,), rec = bench(tmp_path, "train_memory.py")
+    assert rec["args"].items() >= {"arch": "resnet20", "size": 8, "batch": 64}.items()
+    assert [r[0] for r in rows] == [2, 4, 8] and rows[0][2] == 1.0
+    peaks = [rounded(r[1], 0) for r in rows]
     assert peaks[0] < peaks[1] < peaks[2], rows  # activations are kept for every timestep
 
 
-def test_search_efficiency_compares_both_searches() -> None:
-    searches, ranks = bench("search_efficiency.py", "--trials", "3", "--set", "optim.epochs=4", "--set", "data.limit=64")
+def test_search_efficiency_compares_both_searches(tmp_path: Path) -> None:
+    (searches, ranks), rec = bench(tmp_path, "search_efficiency.py",
+                                   *"--trials 3 --set optim.epochs=4 --set data.limit=64".split())
+    overrides = ["optim.epochs=4", "data.limit=64"]
+    assert rec["args"].items() >= {"trials": 3, "seeds": [0], "overrides": overrides}.items()
     assert [r[1] for r in searches] == ["random, no pruning", "TPE + Hyperband"]
     rand, tpe = searches
-    assert int(rand[3]) == 3 * 4  # random search runs every trial to the end
-    assert 0 < int(tpe[3]) <= 3 * 4
-    assert tpe[6] == "not reached" or tpe[6].endswith("%"), tpe
+    assert type(rand[3]) is int and rand[3] == 3 * 4  # random search runs every trial to the end
+    assert type(tpe[3]) is int and 0 < tpe[3] <= 3 * 4
+    assert len(rand) == 6  # nothing to reach: random search's best is the target
+    reach = tpe[6]
+    assert reach is None or (0 < reach["epochs"] <= reach["of"] == rand[3]
+                             and reach["fraction"] == reach["epochs"] / reach["of"]), tpe
     (rhos,) = ranks  # seed 0, then Spearman's rho after 1, 2 and 3 of the 4 epochs
-    assert rhos[0] == "0" and len(rhos) == 1 + 3
+    assert rhos[0] == 0 and len(rhos) == 1 + 3 and all(isinstance(rho, float) for rho in rhos[1:])
 
 
-def test_shortcut_heads_flow_table_shows_where_the_heads_send_gradient() -> None:
+def test_shortcut_heads_flow_table_shows_where_the_heads_send_gradient(tmp_path: Path) -> None:
     """Heads on the first stage only: their share is positive up to that stage and zero after it."""
-    *flows, cost = bench("shortcut_heads.py", "--flow", "--archs", "resnet20", "--rounds", "1",
-                         "--set", "data.limit=64", "--set", "model.width=4", "--set", "heads.exits=[layer1.0]")
+    args = ("--flow --archs resnet20 --rounds 1 "
+            "--set data.limit=64 --set model.width=4 --set heads.exits=[layer1.0]")
+    (*flows, cost), rec = bench(tmp_path, "shortcut_heads.py", *args.split())
+    assert rec["args"].items() >= {"flow": True, "archs": ["resnet20"], "rounds": 1}.items()
     assert len(flows) == 2  # atan and rectangle
     for rows in flows:
-        share = {row[0]: float(row[4]) for row in rows}
-        assert len(rows) == 19 and all(float(row[1]) > 0 and float(row[2]) > 0 for row in rows)
-        assert share["stem_lif"] > 0 and share["layer1.0.lif1"] > 0 and share["layer3.2.lif2"] == 0
-    assert cost[0][0] == "resnet20" and float(cost[0][3]) > 0
+        share = {row[0]: row[4] for row in rows}
+        assert len(rows) == 19 and all(row[1] > 0 and row[2] > 0 for row in rows)
+        assert rounded(share["stem_lif"], 2) > 0 and rounded(share["layer1.0.lif1"], 2) > 0
+        assert share["layer3.2.lif2"] == 0
+    assert cost[0][0] == "resnet20" and rounded(cost[0][3], 3) > 0
 
 
-def test_data_loading_compares_on_device_batches_with_the_dataloader() -> None:
-    (rows,) = bench("data_loading.py", "--images", "500", "--batch", "50", "--rounds", "1")
+def test_data_loading_compares_on_device_batches_with_the_dataloader(tmp_path: Path) -> None:
+    (rows,), rec = bench(tmp_path, "data_loading.py", *"--images 500 --batch 50 --rounds 1".split())
+    assert rec["args"].items() >= {"images": 500, "batch": 50, "rounds": 1}.items()
     assert [r[0] for r in rows] == ["ours (on device, batched)", "torchvision DataLoader, 0 workers",
                                     "torchvision DataLoader, 2 workers"]
-    assert rows[1][2] == "1.0x" and all(float(r[1].replace(",", "")) > 0 for r in rows)
+    assert rows[1][2] == 1.0 and all(rounded(r[1], 0) > 0 for r in rows)
 
 
-def test_train_step_benchmark_times_eager_and_compiled_steps() -> None:
-    (rows,) = bench("train_step.py", "--batch", "2", "--timesteps", "1", "--width", "4", "--steps", "1",
-                    "--rounds", "1")
-    assert [(r[0], r[1]) for r in rows] == [("resnet20", "0"), ("resnet20", "6")]  # digits config's six heads
-    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+def test_train_step_benchmark_times_eager_and_compiled_steps(tmp_path: Path) -> None:
+    (rows,), rec = bench(tmp_path, "train_step.py",
+                         *"--batch 2 --timesteps 1 --width 4 --steps 1 --rounds 1".split())
+    assert rec["args"].items() >= {"batch": 2, "timesteps": 1, "width": 4, "steps": 1, "rounds": 1}.items()
+    assert [(r[0], r[1]) for r in rows] == [("resnet20", 0), ("resnet20", 6)]  # digits config's six heads
+    assert all(rounded(r[2], 1) > 0 and rounded(r[3], 1) > 0 for r in rows)
