@@ -10,6 +10,7 @@ import sys
 import time
 
 import optuna
+from optuna.artifacts import FileSystemArtifactStore
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -20,7 +21,7 @@ from search.progress import EpochProgress
 from search.samplers import make_sampler
 from search.space import load_space
 from search.storage import open_storage, timeouts
-from search.trial import run_trial
+from search.trial import finish, run_trial
 from trainer.config import build
 from trainer.fit import EpochReport, fit
 
@@ -196,6 +197,9 @@ def test_out_of_memory_fails_the_trial_and_drops_its_checkpoints(tmp_path, monke
                         EpochProgress(out=io.StringIO()))
     assert outcome.state == TrialState.FAIL and len(seen) == 1
     assert outcome.fail_reason == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    study = optuna.create_study()
+    ended = finish(study, study.ask(), outcome, tmp_path / "t7", FileSystemArtifactStore(str(tmp_path)))
+    assert ended.state == TrialState.FAIL and ended.user_attrs["fail_reason"] == outcome.fail_reason
     assert sorted(p.name for p in (tmp_path / "t7").iterdir()) == ["config.yaml", "error.txt"]
     assert outcome.attrs["config"]["lambda"]["start"] == 0.5
 
