@@ -26,3 +26,10 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(PY) docs/gen_reference.py
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+# make gpu-check   the GPU checks in one process, at most 8 minutes on one H100/H200 (benchmarks/gpu.py):
+#                  benchmarks/results/<date>-<gpu>.json, then docs/benchmarks/gpu.md regenerated from it
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu.py --budget-s 480
+	$(PY) docs/gen_reference.py

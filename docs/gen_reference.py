@@ -8,6 +8,7 @@ Sources:
 - ``docs/reference/space.md``: the pydantic models of ``search.space`` (``SPACE_MODELS``, below).
 - ``docs/reference/cli.md``: each command module's ``make_parser()``: ``search.cli.COMMANDS`` (the
   subcommands of ``snn-search``) and ``trainer.__main__`` (``snn-train``).
+- ``docs/benchmarks/gpu.md``: the newest GPU run's JSON under ``benchmarks/results/`` (``benchmarks/gpu.py``).
 
 ``render_models`` renders any pydantic model class as markdown tables, one per model it reaches (nested
 models, lists and mappings of models, unions and discriminated unions); ``render_parser`` does the same
@@ -505,12 +506,29 @@ def first_sentence(doc: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
+# ---------------------------------------------------------------- the GPU checks
+
+def gpu_page() -> str:
+    """The GPU checks' results, rendered by ``benchmarks/gpu.py`` (imported from beside this file: ``ROOT``
+    is where the results are read, which a test moves)."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:  # its scripts import each other by name
+        sys.path.insert(0, benchmarks)
+    import gpu
+
+    results = ROOT / "benchmarks" / "results"
+    run = gpu.newest(results)
+    source = f"`benchmarks/results/{run.name}`" if run else "the GPU runs' JSON in `benchmarks/results/`"
+    return "\n".join(header("GPU checks", source) + gpu.page(results)).rstrip() + "\n"
+
+
 # ---------------------------------------------------------------- main
 
 PAGES: dict[str, Callable[[], str]] = {
     "docs/reference/config.md": config_page,
     "docs/reference/space.md": space_page,
     "docs/reference/cli.md": cli_page,
+    "docs/benchmarks/gpu.md": gpu_page,
 }
 
 
