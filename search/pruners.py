@@ -29,12 +29,12 @@ def _hyperband_tune(first: int, epochs: int) -> Any:
     class HyperBand(HyperBandScheduler):
         """HyperBand that decides nothing before ``first`` epochs."""
 
+        TIME_ATTR = "training_iteration"
+
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
             if result.get(self.TIME_ATTR, 0) < first:
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
-
-        TIME_ATTR = "training_iteration"
 
     return HyperBand(time_attr=HyperBand.TIME_ATTR, max_t=epochs)
 
