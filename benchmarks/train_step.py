@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--config configs/digits.yaml] [--archs resnet20 resnet18] [--batch 32]
                                     [--timesteps 4] [--size 8] [--steps 20] [--rounds 5] [--device auto]
-                                    [--set KEY=VALUE]
+                                    [--compile-backend inductor] [--set KEY=VALUE]
 
 A step is ``trainer.fit.step_loss`` (forward, shortcut loss) plus backward and an AdamW update, on
 random images of ``--size`` pixels (8: the digits default), for the config's net without heads and
@@ -56,12 +56,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5, help="eager and compiled take turns, a round each")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend (the tests take aot_eager: the same trace, no code generation)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override the config, e.g. --set heads.hidden=0 (the spaces' pool + linear heads)")
     add_json_flag(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    compiled = torch.compile(step_loss, dynamic=False)  # as trainer.fit.compiled_step
+    compiled = torch.compile(step_loss, dynamic=False, backend=args.compile_backend)  # as trainer.fit.compiled_step
     table = Table(f"batch {args.batch}, T={args.timesteps}, {args.size}x{args.size} inputs, {device}",
                   "arch", "heads", Column("eager ms/step", "{:.1f}"), Column("compiled ms/step", "{:.1f}"),
                   Column("compiled / eager", "{:.2f}"), Column("first compiled step, s", "{:.0f}"))
