@@ -83,7 +83,7 @@ from train_memory import measure  # noqa: E402
 import trainer.fit  # noqa: E402
 from trainer.checkpoint import load_history  # noqa: E402
 from trainer.config import Config, load  # noqa: E402
-from trainer.data import split_indices  # noqa: E402
+from trainer.data import Shape, split_indices  # noqa: E402
 from trainer.fit import SPLIT_STEPS, EpochReport, fit, resolve_device, step_loss  # noqa: E402
 from trainer.heads import ShortcutNet  # noqa: E402
 from trainer.neuron import lif_loop  # noqa: E402
@@ -301,7 +301,8 @@ def heads_stage(run: Run) -> None:
     neuron = cfg.neuron.factory(run.cuda)
     torch.manual_seed(0)
     backbone = cfg.model.build(10, 3, neuron)
-    nets = [ShortcutNet(backbone, exits, 10, neuron, cfg.heads.hidden).to(run.device)
+    shape = Shape(3, (sizes.heads_size, sizes.heads_size), 10)
+    nets = [ShortcutNet.attach(backbone, exits, shape, neuron, cfg.heads.hidden, cfg.model.arch).to(run.device)
             for exits in ([], cfg.heads.exits)]
     if run.cuda:
         nets = [net.to(memory_format=torch.channels_last) for net in nets]

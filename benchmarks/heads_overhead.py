@@ -25,6 +25,7 @@ from timing import time_ms
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trainer.config import NeuronConfig
+from trainer.data import Shape
 from trainer.heads import ShortcutNet
 from trainer.models import ARCHS
 from trainer.schedule import shortcut_loss
@@ -88,10 +89,11 @@ def main() -> None:
         channels = 1 if size == 8 else 3
         torch.manual_seed(0)
         backbone = ARCHS[arch](10, channels, neuron)
-        stage_ends = [f"layer{i + 1}.{n - 1}" for i, n in enumerate(ARCHS[arch].layers[:-1])]
+        shape = Shape(channels, (size, size), 10)
         x = torch.rand(args.timesteps, args.batch, channels, size, size, device=device)
         y = torch.randint(0, 10, (args.batch,), device=device)
-        nets = [ShortcutNet(backbone, exits, 10, neuron, args.hidden).to(device) for exits in ([], stage_ends)]
+        nets = [ShortcutNet.attach(backbone, exits, shape, neuron, args.hidden, arch).to(device)
+                for exits in ([], ARCHS[arch].default_exits)]
         if cuda:
             nets = [net.to(memory_format=torch.channels_last) for net in nets]
         steps = [make_step(net, x, y, amp=cuda) for net in nets]
@@ -103,7 +105,7 @@ def main() -> None:
         times = [statistics.median(r[i] for r in rounds) for i in range(2)]
         overhead = statistics.median(heads / plain for plain, heads in rounds) - 1
         epoch_s = times[0] / 1000 * 40_000 / args.batch
-        print(table.add(arch, size, ", ".join(stage_ends), *times, overhead, ops[0], ops[1] - ops[0],
+        print(table.add(arch, size, ", ".join(ARCHS[arch].default_exits), *times, overhead, ops[0], ops[1] - ops[0],
                         epoch_s), flush=True)
     write_json(__file__, args, [table])
 

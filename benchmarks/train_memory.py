@@ -22,6 +22,7 @@ from record import Column, Table, add_json_flag, write_json
 def measure(arch: str, size: int, batch: int, timesteps: int, device: str) -> dict:
     from trainer.config import NeuronConfig
     from trainer.heads import ShortcutNet
+    from trainer.data import Shape
     from trainer.models import ARCHS
     from trainer.schedule import shortcut_loss
 
@@ -29,8 +30,8 @@ def measure(arch: str, size: int, batch: int, timesteps: int, device: str) -> di
     channels = 1 if size == 8 else 3
     neuron = NeuronConfig().factory(dev.type == "cuda")
     backbone = ARCHS[arch](10, channels, neuron)
-    exits = [f"layer{i + 1}.{n - 1}" for i, n in enumerate(ARCHS[arch].layers[:-1])]
-    net = ShortcutNet(backbone, exits, 10, neuron).to(dev)
+    shape = Shape(channels, (size, size), 10)
+    net = ShortcutNet.attach(backbone, ARCHS[arch].default_exits, shape, neuron, arch=arch).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(timesteps, batch, channels, size, size, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)

@@ -25,7 +25,8 @@ from record import Column, Table, add_json_flag, write_json
 from trainer.config import load
 from trainer.fit import resolve_device, step_loss
 from trainer.heads import ShortcutNet
-from trainer.models import block_exits
+from trainer.data import Shape
+from trainer.probe import run_probe
 
 
 def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: bool, steps: int,
@@ -75,9 +76,11 @@ def main() -> None:
         for heads in (False, True):
             torch.manual_seed(0)
             neuron = cfg.neuron.factory(cuda=False)
-            exits = [e for e in wanted.exits if e in block_exits(arch)] if heads else []
             backbone = cfg.model.build(10, 1, neuron)
-            net = ShortcutNet(backbone, exits, 10, neuron, wanted.hidden).to(device)
+            shape = Shape(1, (args.size, args.size), 10)
+            has = run_probe(backbone, shape, arch).taps
+            exits = [e for e in wanted.exits if e in has] if heads else []
+            net = ShortcutNet.attach(backbone, exits, shape, neuron, wanted.hidden, arch).to(device)
             x = torch.rand(args.timesteps, args.batch, 1, args.size, args.size, device=device)
             y = torch.randint(0, 10, (args.batch,), device=device)
             (first,) = timed_steps(compiled, net, x, y, heads, 1, device)  # compiles

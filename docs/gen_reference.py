@@ -68,9 +68,13 @@ FALLBACK_DESCRIPTIONS: dict[str, str] = {
                            "value as probability",
     "DataConfig.image_size": "ImageNet crop, DVS frame side",
     "DataConfig.limit": "samples per split (null: all)",
-    "ModelConfig.arch": "spiking ResNet",
-    "ModelConfig.width": "first-stage channels (null: the arch's)",
-    "ModelConfig.stem": "cifar: 3x3 conv; imagenet: 7x7/2 conv + 3x3/2 max pool; auto: the arch's",
+    "ModelConfig.arch": "a registered architecture (spiking ResNets, VGG-11/16) or an import path "
+                        "`package.module:builder` (see Bring your own model)",
+    "ModelConfig.kwargs": "keyword arguments for an import path's builder",
+    "ModelConfig.neurons": "import paths of your own spiking neuron classes, which the diagnostics hook "
+                           "besides ours and SpikingJelly's",
+    "ModelConfig.width": "first-stage channels of a registered architecture (null: the arch's)",
+    "ModelConfig.stem": "registered ResNets: cifar: 3x3 conv; imagenet: 7x7/2 conv + 3x3/2 max pool; auto: the arch's",
     "NeuronConfig.decay": "membrane decay per timestep (= 1 - 1/tau)",
     "NeuronConfig.threshold": "firing threshold",
     "NeuronConfig.reset": "hard: to 0; soft: minus the threshold",
@@ -80,7 +84,10 @@ FALLBACK_DESCRIPTIONS: dict[str, str] = {
     "NeuronConfig.backend": "fused: one autograd function with a hand-written backward through time; "
                             "loop: the plain per-timestep reference",
     "NeuronConfig.compile": "torch.compile the LIF loops; auto: on CUDA only",
-    "HeadsConfig.exits": "block exits that carry a head, e.g. [layer1.0, layer2.1]",
+    "HeadsConfig.exits": "modules (names from `named_modules()`) that carry a head, e.g. [layer1.0, layer2.1]; "
+                         "`default`: the architecture's stage ends; list them with `snn-train --list-exits`",
+    "HeadsConfig.tokens": "how a head reads 4-D `[T, B, a, b]` outputs: nd: `[T, B, N, D]` tokens (timm's ViTs); "
+                          "dn: `[T, B, D, N]` (SpikingJelly's Spikformer)",
     "HeadsConfig.hidden": "0: global pool + linear; > 0: a 1x1 conv + BN + LIF of this many channels first",
     "LambdaConfig.schedule": "the curve from start to end",
     "LambdaConfig.start": "lambda at the first epoch",
@@ -368,7 +375,9 @@ def config_page() -> str:
         "`error: config: unknown key 'optim.lrr' (allowed: name, lr, momentum, ...)`.",
         "",
         "Checked beyond the types below (`trainer.config.build`): `data.cutout` only with `cifar10` or `cifar100`,",
-        "and each of `heads.exits` must be a block exit of `model.arch`.",
+        "`model.kwargs` only with an import path. Before anything trains, the model runs once on a dry batch",
+        "of the data set's shape (`trainer.probe`): it must build, run and return logits, and each of",
+        "`heads.exits` must be one of its modules whose output a head can read.",
         "",
     ]
     return "\n".join(lines + render_models([Config])).rstrip() + "\n"

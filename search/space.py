@@ -40,6 +40,7 @@ from search.metrics import METRICS
 from search.pruners import PRUNERS
 from search.samplers import SAMPLERS, grid
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
+from trainer.probe import check
 from trainer.errors import UserError, quote
 
 MAX_GRID = 10**6  # grid points of one parameter: more would not run, and would fill memory at load
@@ -512,18 +513,21 @@ def _check_configs(space: Space) -> None:
     """Fail before any trial if the base, a sampled value or ``final`` makes an invalid config.
 
     Every value of every parameter is checked against the base, and every pair of values of two
-    parameters against each other (a head exit against each architecture, say).
+    parameters against each other (a head exit against each architecture, say); each distinct model runs
+    once on a dry batch (``trainer.probe``), so a model that cannot be built or run fails here too.
     """
     values = {p.key: p.values() for p in space.params}
+    source = f"{space.path}: trial config"
     try:
         cfg = space.config({})
+        check(cfg, source)
         for key, some in values.items():
             for value in some:
-                space.config({key: value})
+                check(space.config({key: value}), source)
         for p, q in itertools.combinations(values, 2):
             for a, b in itertools.product(values[p], values[q]):
-                space.config({p: a, q: b})
-        space.final_config(cfg.to_dict())
+                check(space.config({p: a, q: b}), source)
+        check(space.final_config(cfg.to_dict()), f"{space.path}: final")
     except ConfigError as err:
         raise SpaceError(str(err)) from None
 

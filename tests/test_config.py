@@ -81,15 +81,17 @@ def test_device_takes_an_index_and_a_missing_gpu_is_an_error():
             resolve_device("cuda:3")
 
 
-def test_head_exits_are_checked_against_the_architecture():
-    assert load(None, ["model.arch=resnet18", "heads.exits=[layer4.1]"]).heads.exits == ["layer4.1"]
-    with pytest.raises(ConfigError, match=r"unknown block exit 'layer4.1' for resnet20 \(allowed: layer1.0,"):
-        load(None, ["heads.exits=[layer4.1]"])
+def test_head_exits_are_checked_against_the_architecture_on_a_dry_run():
+    from trainer.probe import check
+
+    assert list(check(load(None, ["model.arch=resnet18", "heads.exits=[layer4.1]"]))) == ["layer4.1"]
+    with pytest.raises(ConfigError, match=r"resnet20 has no module 'layer4.1' \(closest: layer3.1, layer2.1, "):
+        check(load(None, ["heads.exits=[layer4.1]"]))
+    assert list(check(load(None, ["heads.exits=[default]"]))) == ["layer1.2", "layer2.2"]  # stage ends
 
 
 @pytest.mark.parametrize("section,key,registry", [
     ("data", "name", "trainer.data:DATASETS"),
-    ("model", "arch", "trainer.models:ARCHS"),
     ("neuron", "surrogate", "trainer.surrogate:SURROGATES"),
     ("lambda_", "schedule", "trainer.schedule:SCHEDULES"),
     ("optim", "name", "trainer.optim:OPTIMIZERS"),
@@ -106,6 +108,18 @@ def test_the_allowed_names_are_the_registrys(section, key, registry):
     with pytest.raises(ConfigError) as err:
         load(None, [f"{Config.model_fields[section].alias or section}.{key}=bogus"])
     assert all(repr(n) in str(err.value) for n in names)
+
+
+def test_the_architecture_is_a_registered_name_or_an_import_path():
+    from trainer.models import ARCHS
+
+    assert load(None, ["model.arch=vgg16"]).model.arch == "vgg16"
+    assert load(None, ["model.arch=examples.my_snn:build"]).model.arch == "examples.my_snn:build"
+    with pytest.raises(ConfigError) as err:
+        load(None, ["model.arch=bogus"])
+    assert all(repr(n) in str(err.value) for n in ARCHS) and "or package.module:builder" in str(err.value)
+    with pytest.raises(ConfigError, match="'model.kwargs': it is for a builder at an import path"):
+        load(None, ["model.kwargs={depth: 3}"])
 
 
 def test_the_registries_never_import_the_config():

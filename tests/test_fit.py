@@ -25,8 +25,8 @@ def test_fit_reports_metrics_grad_stats_and_firing_rates():
     first = seen[0]
     assert first.metrics["lambda"] == 1.0 and seen[1].metrics["lambda"] == 0.0
     assert 0 <= first.metrics["val_acc"] <= 1 and first.metrics["train_loss"] > 0
-    conv_layers = {n for n, m in result.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
-    assert set(first.grad_stats) == {n[:-2] for n in conv_layers}  # every backbone conv layer
+    conv_layers = {n[:-2] for n, m in result.model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert set(first.grad_stats) == conv_layers | {"fc"}  # every backbone conv and linear layer
     # lambda = 1: only the heads train, so nothing above layer2.1 gets gradient; lambda = 0: all layers do
     assert first.grad_stats["layer1.0.conv1"]["mean"] > 0 and first.grad_stats["layer3.2.conv2"]["mean"] == 0
     assert all(s["mean"] > 0 and s["var"] > 0 for s in seen[1].grad_stats.values())
@@ -86,12 +86,13 @@ def test_grad_stats_are_the_mean_and_variance_of_abs_grad():
 
 
 def _backbone_with_heads(exits, arch="resnet20"):
+    from trainer.data import Shape
     from trainer.heads import ShortcutNet
 
     cfg = load(None, ["model.width=4", f"model.arch={arch}"])
     neuron = cfg.neuron.factory(cuda=False)
     backbone = cfg.model.build(10, 1, neuron)
-    return backbone, ShortcutNet(backbone, exits, 10, neuron)
+    return backbone, ShortcutNet.attach(backbone, exits, Shape(1, (16, 16), 10), neuron, arch=arch)
 
 
 def test_grad_flow_is_the_gradient_at_each_lif_input_and_splits_by_loss_part():
@@ -184,7 +185,7 @@ def test_shipped_config_trains_an_epoch_with_its_heads(tmp_path, path):
     result = fit(cfg)
     assert math.isfinite(result.history[0].metrics["train_loss"])
     stats = [s[k] for s in result.history[0].grad_stats.values() for k in ("mean", "var")]
-    assert len(stats) == 2 * sum(isinstance(m, torch.nn.Conv2d) for m in fresh.modules())
+    assert len(stats) == 2 * sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fresh.modules())
     assert all(math.isfinite(v) for v in stats) and max(stats) > 0  # gradients reached the convolutions
     trained = result.model.state_dict()
     fresh.load_state_dict(trained, strict=True)  # stripped for inference: the backbone's keys, no head's

@@ -232,7 +232,7 @@ def test_a_head_exit_that_one_sampled_architecture_lacks_is_caught_before_the_st
                        "  heads.exits: {type: subset, choices: [layer1.0, layer3.2]}")
     assert run_cli.main(["--space", str(space), "--storage", f"sqlite:///{tmp_path}/d.db"]) == 2
     err = capsys.readouterr().err
-    assert "bad value for 'heads.exits': unknown block exit 'layer3.2' for resnet19" in err
+    assert "bad value for 'heads.exits': resnet19 has no module 'layer3.2'" in err
     assert not (tmp_path / "d.db").exists()  # nothing touched
 
 

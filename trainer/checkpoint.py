@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, build
-from trainer.models import SpikingResNet
+
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "last.pt"
@@ -27,7 +27,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def save_model(
-    out_dir: Path, cfg: Config, backbone: SpikingResNet, num_classes: int, in_channels: int,
+    out_dir: Path, cfg: Config, backbone: nn.Module, num_classes: int, in_channels: int,
     metrics: dict[str, float],
 ) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +45,7 @@ def save_model(
     return path
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> SpikingResNet:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The inference model (no heads) in eval mode."""
     blob = torch.load(path, map_location=device, weights_only=True)
     cfg = build(blob["config"], str(path))

@@ -12,14 +12,17 @@ import copy
 import typing
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
+from torch import nn
 
 from trainer.data import DATASETS
 from trainer.errors import UserError, quote
-from trainer.models import ARCHS, NeuronFactory, SpikingResNet, Stem
+from trainer.imports import IMPORT_PATH, imported
+from trainer.models import ARCHS, NeuronFactory, Stem
 from trainer.neuron import LIF, Reset
 from trainer.optim import OPTIMIZERS
 from trainer.schedule import SCHEDULES
@@ -27,7 +30,6 @@ from trainer.surrogate import Name as SurrogateName
 
 # The allowed names, each read from its registry (pydantic's error for a bad one lists them)
 DataName = DATASETS.literal()
-ArchName = ARCHS.literal()
 StemName = Literal[("auto", *typing.get_args(Stem))]  # auto: the architecture's
 ScheduleName = Literal[tuple(SCHEDULES)]
 OptimizerName = OPTIMIZERS.literal()
@@ -55,15 +57,31 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1)
 
 
+def _arch(value: Any) -> str:
+    if isinstance(value, str) and (value in ARCHS or IMPORT_PATH.fullmatch(value)):
+        return value
+    raise PydanticCustomError("arch", f"not a registered architecture or an import path (allowed: "
+                              f"{', '.join(map(repr, ARCHS))}, or package.module:builder)")
+
+
 class ModelConfig(Section):
-    arch: ArchName = "resnet20"
-    width: int | None = Field(None, ge=1)
-    stem: StemName = "auto"
+    arch: Annotated[str, PlainValidator(_arch)] = "resnet20"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the builder (an import path's, or ours)
+    neurons: list[Annotated[str, Field(pattern=IMPORT_PATH.pattern)]] = Field(default_factory=list)
+    width: int | None = Field(None, ge=1)  # the built-in architectures'
+    stem: StemName = "auto"  # the built-in ResNets'
     compile: Literal["auto", "always", "never"] = "auto"  # the whole training step; auto: on CUDA
 
-    def build(self, num_classes: int, in_channels: int, neuron: NeuronFactory) -> SpikingResNet:
-        """The backbone (no heads) as configured."""
-        return ARCHS[self.arch](num_classes, in_channels, neuron, self.width, self.stem)
+    def build(self, num_classes: int, in_channels: int, neuron: NeuronFactory) -> nn.Module:
+        """The backbone (no heads) as configured: a registered architecture with our LIF neurons, or what the
+        builder at an import path returns for ``builder(num_classes=..., in_channels=..., **kwargs)``."""
+        if self.arch in ARCHS:
+            return ARCHS[self.arch](num_classes, in_channels, neuron, self.width, self.stem)
+        return imported(self.arch, "model.arch")(num_classes=num_classes, in_channels=in_channels, **self.kwargs)
+
+    def neuron_classes(self) -> tuple[type, ...]:
+        """``model.neurons``: the user's spiking neuron classes, which diagnostics hook besides ours."""
+        return tuple(imported(path, "model.neurons") for path in self.neurons)
 
 
 class NeuronConfig(Section):
@@ -86,6 +104,7 @@ class NeuronConfig(Section):
 class HeadsConfig(Section):
     exits: list[str] = Field(default_factory=list)
     hidden: int = Field(0, ge=0)
+    tokens: Literal["nd", "dn"] = "nd"  # 4-D [T, B, a, b] exits: [T, B, N, D] (timm) or [T, B, D, N] (Spikformer)
 
 
 class LambdaConfig(Section):
@@ -160,12 +179,10 @@ def build(data: dict[str, Any], source: str = "config") -> Config:
     if cfg.data.cutout and cfg.data.name not in ("cifar10", "cifar100"):
         raise ConfigError(f"{source}: bad value for 'data.cutout': cutout is for cifar10 and cifar100 "
                           f"(got {cfg.data.cutout} with data.name={cfg.data.name})")
-    allowed = ARCHS[cfg.model.arch].exits
-    unknown = [e for e in cfg.heads.exits if e not in allowed]
-    if unknown:  # caught here, so a search space can check every exit before any trial trains
-        raise ConfigError(f"{source}: bad value for 'heads.exits': unknown block exit {unknown[0]!r} for "
-                          f"{cfg.model.arch} (allowed: {', '.join(allowed)})")
-    return cfg
+    if cfg.model.kwargs and cfg.model.arch in ARCHS:
+        raise ConfigError(f"{source}: bad value for 'model.kwargs': it is for a builder at an import path; "
+                          f"{cfg.model.arch} takes model.width and model.stem (got {quote(cfg.model.kwargs)})")
+    return cfg  # the model itself (import, exits, output shape) is checked on a dry run: trainer.probe
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,21 @@ class DataBundle:
         self.workers.manual_seed(hash((self.seed, epoch, 1)))  # ints only: str hashes differ per process
 
 
+class Shape(NamedTuple):
+    """One sample's input (channels, height, width) and the number of classes, known without the files:
+    a model is checked on a dry run of this shape before any data is read."""
+
+    channels: int
+    size: tuple[int, int]
+    classes: int
+
+
 Loader = Callable[["DataConfig", torch.device, int], DataBundle]  # (data config, training device, run seed)
-DATASETS: Registry[Loader] = Registry("data set")
+DATASETS: Registry[Loader] = Registry("data set")  # each entry has ``shape(cfg) -> Shape``
+
+
+def input_shape(cfg: DataConfig) -> Shape:
+    return DATASETS[cfg.name].shape(cfg)  # type: ignore[attr-defined]
 
 
 class Augment:
@@ -170,7 +183,7 @@ def _tensor_bundle(
     )
 
 
-@DATASETS.register()
+@DATASETS.register(shape=lambda cfg: Shape(1, (8, 8), 10))
 def digits(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     from sklearn.datasets import load_digits
 
@@ -181,7 +194,7 @@ def digits(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     return _tensor_bundle(cfg, x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10, device, seed)
 
 
-@DATASETS.register()
+@DATASETS.register(shape=lambda cfg: Shape(1, (28, 28), 10))
 def mnist(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     from torchvision.datasets import MNIST
 
@@ -232,14 +245,14 @@ def _official_test(
     return _loader_bundle(cfg, splits, num_classes, 3, seed)
 
 
-@DATASETS.register()
+@DATASETS.register(shape=lambda cfg: Shape(3, (32, 32), 10))
 def cifar10(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     from torchvision.datasets import CIFAR10
 
     return _cifar(cfg, device, seed, CIFAR10, 10)
 
 
-@DATASETS.register()
+@DATASETS.register(shape=lambda cfg: Shape(3, (32, 32), 100))
 def cifar100(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     from torchvision.datasets import CIFAR100
 
@@ -256,7 +269,7 @@ def _cifar(cfg: DataConfig, device: torch.device, seed: int, cls: type, classes:
                           Augment(padding=4, flip=True, cutout=cfg.cutout))
 
 
-@DATASETS.register()
+@DATASETS.register(shape=lambda cfg: Shape(3, (cfg.image_size, cfg.image_size), 1000))
 def imagenet(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     """Streams through DataLoader workers; each batch moves to ``device`` in the training loop."""
     from torchvision import datasets, transforms as T
@@ -305,7 +318,7 @@ def _dvs_frames(cfg: DataConfig, size: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-@DATASETS.register()
+@DATASETS.register(shape=lambda cfg: Shape(2, (min(cfg.image_size, 128),) * 2, 10))
 def cifar10dvs(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
     """CIFAR10-DVS has no official split: 10% test, then ``val_fraction`` of the rest for validation. The
     frames are held on the training device like CIFAR's images."""

@@ -5,10 +5,24 @@ Both accumulate on the training device and are read once per epoch, so they add 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from trainer.neuron import LIF
+
+
+def spiking(model: nn.Module, neurons: tuple[type, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every spiking neuron layer: ours, SpikingJelly's (any ``BaseNode``, if a model uses
+    them they are imported) and the classes in ``neurons`` (``model.neurons``)."""
+    classes = (LIF, *neurons)
+    if (sj := sys.modules.get("spikingjelly.activation_based.neuron")) is not None:
+        classes += (sj.BaseNode,)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, classes)]
+
+
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 
 def _layer_name(name: str) -> str:
@@ -17,11 +31,11 @@ def _layer_name(name: str) -> str:
 
 
 class GradStats:
-    """Mean and variance of |grad| of every conv layer's weight, averaged over the steps of an epoch."""
+    """Mean and variance of |grad| of every conv and linear layer's weight, averaged over an epoch's steps."""
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [
-            (_layer_name(name), m.weight) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+            (_layer_name(name), m.weight) for name, m in model.named_modules() if isinstance(m, WEIGHTED)
         ]
         self.numel = torch.tensor([float(w.numel()) for _, w in self.layers], device=self.layers[0][1].device)
         self.total: torch.Tensor | None = None
@@ -47,7 +61,7 @@ class GradStats:
 
 
 class GradFlow:
-    """Mean and variance of |dL/dx| at the input of every LIF layer, averaged over an epoch's steps: the
+    """Mean and variance of |dL/dx| at the input of every spiking layer, averaged over an epoch's steps: the
     surrogate gradient that reaches each depth (a weight's gradient also scales with the layer's input,
     which is dense at the stem and says little about the signal path).
 
@@ -57,8 +71,8 @@ class GradFlow:
     ``fit``) and go to ``split`` instead of the epoch's statistics.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        lifs = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
+    def __init__(self, model: nn.Module, neurons: tuple[type, ...] = ()) -> None:
+        lifs = spiking(model, neurons)
         self.layers, self.modules = [name for name, _ in lifs], [m for _, m in lifs]
         self.capture = False  # keep this step's LIF inputs in ``inputs`` (for the split's autograd.grad)
         self.inputs: list[torch.Tensor] = []
@@ -96,7 +110,7 @@ class GradFlow:
         self.steps[self.part][index] += 1
 
     def measure_parts(self, parts: dict[str, torch.Tensor]) -> None:
-        """What each part of this step's loss sends back to every LIF layer (``capture`` must have been on
+        """What each part of this step's loss sends back to every spiking layer (``capture`` must have been on
         during the forward): one ``autograd.grad`` per part, keeping the graph for the training backward."""
         for self.part, loss in parts.items():
             torch.autograd.grad(loss, self.inputs, retain_graph=True, allow_unused=True)
@@ -111,19 +125,19 @@ class GradFlow:
                 for name, (m, sq), n in zip(self.layers, sums, steps) if n}
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """{LIF layer: {"mean": ..., "var": ...}} of the steps since the last summary; resets."""
+        """{spiking layer: {"mean": ..., "var": ...}} of the steps since the last summary; resets."""
         return self._read(None)
 
     def split(self) -> dict[str, dict[str, dict[str, float]]]:
-        """{part: {LIF layer: {"mean", "var"}}} of the parts recorded since the last call; resets."""
+        """{part: {spiking layer: {"mean", "var"}}} of the parts recorded since the last call; resets."""
         return {part: self._read(part) for part in [p for p in self.total if p is not None]}
 
 
 class FiringRates:
-    """Fraction of neurons spiking per LIF layer, while attached (use as a context manager)."""
+    """Fraction of neurons spiking per spiking layer, while attached (use as a context manager)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LIF)]
+    def __init__(self, model: nn.Module, neurons: tuple[type, ...] = ()) -> None:
+        self.layers = spiking(model, neurons)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.handles: list = []

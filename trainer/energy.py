@@ -9,6 +9,8 @@ are summed over timesteps. Energy uses the 45 nm figures most SNN papers take fr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,15 +24,18 @@ def energy_uj(sops: float, macs: float) -> float:
     return (PJ_PER_AC * sops + PJ_PER_MAC * macs) * 1e-6
 
 
-def _conv_ops(conv: nn.Conv2d, x: Tensor, out: Tensor) -> tuple[Tensor, int]:
+def _conv_ops(conv: nn.Conv1d | nn.Conv2d, x: Tensor, out: Tensor) -> tuple[Tensor, int]:
     """(ACs if ``x`` is spikes, MACs if it is real-valued) of one call: input spikes times each one's
-    fan-out, counted exactly at the borders by convolving the spike counts with a kernel of ones."""
-    groups = conv.groups
-    counts = x.detach().float().sum(0, keepdim=True)  # spikes per input position, over batch and time
+    fan-out, counted exactly at the borders by convolving the spike counts with a kernel of ones. Leading
+    dimensions fold into the batch ([T, B, C, H, W] inputs of SpikingJelly's multi-step layers)."""
+    groups, dims = conv.groups, len(conv.kernel_size)
+    x = x.detach().float().reshape(-1, *x.shape[-dims - 1:])
+    counts = x.sum(0, keepdim=True)  # spikes per input position, over batch and time
     ones = torch.ones(groups, conv.in_channels // groups, *conv.kernel_size, device=x.device)
-    reach = F.conv2d(counts, ones, None, conv.stride, conv.padding, conv.dilation, groups)
+    conv_fn = F.conv2d if dims == 2 else F.conv1d
+    reach = conv_fn(counts, ones, None, conv.stride, conv.padding, conv.dilation, groups)
     acs = reach.sum() * (conv.out_channels // groups)
-    macs = out.numel() * (conv.in_channels // groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    macs = out.numel() * (conv.in_channels // groups) * math.prod(conv.kernel_size)
     return acs, macs
 
 
@@ -45,7 +50,7 @@ class SynapticOps:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
         self.sops: Tensor | float = 0.0
         self.macs: Tensor | float = 0.0
         self.samples = 0
@@ -56,7 +61,7 @@ class SynapticOps:
 
     def _hook(self, module: nn.Module, inputs: tuple, out: Tensor) -> None:
         x = inputs[0]
-        acs, macs = _conv_ops(module, x, out) if isinstance(module, nn.Conv2d) else _linear_ops(module, x)
+        acs, macs = _linear_ops(module, x) if isinstance(module, nn.Linear) else _conv_ops(module, x, out)
         spikes = ((x == 0) | (x == 1)).all()
         self.sops = self.sops + torch.where(spikes, acs.double(), 0.0)  # float64: billions per epoch
         self.macs = self.macs + torch.where(spikes, 0.0, float(macs)).double()

@@ -19,13 +19,14 @@ from tqdm import tqdm
 
 from trainer.checkpoint import load_state, restore_rng, save_model, save_state
 from trainer.config import Config
-from trainer.data import Batches, DataBundle, encode, load_data
+from trainer.data import Batches, DataBundle, encode, input_shape, load_data
 from trainer.diagnostics import FiringRates, GradFlow, GradStats
 from trainer.energy import SynapticOps
 from trainer.errors import UserError
 from trainer.heads import ShortcutNet
-from trainer.models import SpikingResNet
+from trainer.models import logits
 from trainer.optim import OPTIMIZERS
+from trainer.probe import build_backbone, check_exits, reset_states, run_probe, stateful
 from trainer.schedule import balance, shortcut_parts
 
 
@@ -101,6 +102,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and accuracy of the main output; ``monitors`` (firing rates, synaptic ops) watch the passes."""
     model.eval()
+    memory = stateful(model)
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
     n = 0
@@ -109,7 +111,8 @@ def evaluate(
             stack.enter_context(monitor)
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = model(encode(x, cfg.data.timesteps, cfg.data.encoding)).float()
+            reset_states(memory)
+            out = logits(model(encode(x, cfg.data.timesteps, cfg.data.encoding))).float()
             loss += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
             n += len(y)
@@ -128,7 +131,7 @@ def step_loss(net: ShortcutNet, inputs: Tensor, y: Tensor, lam: Tensor, heads: b
     """Main logits, the shortcut loss and its two parts of one training step (``heads=False``: the
     backbone alone). ``model.compile`` compiles this whole: forward, loss and, through AOTAutograd, the
     backward."""
-    main, outs = net(inputs) if heads else (net.backbone(inputs), [])
+    main, outs = net(inputs) if heads else (logits(net.backbone(inputs)), [])
     main_part, head_part = shortcut_parts(main, outs, y, lam)
     return main, main_part if head_part is None else main_part + head_part, main_part, head_part
 
@@ -169,7 +172,7 @@ class Training:
     cfg: Config
     device: torch.device
     data: DataBundle
-    backbone: SpikingResNet
+    backbone: nn.Module  # what ``model.pt`` holds: the model as built, without heads or hooks
     net: ShortcutNet  # the backbone with its heads
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -177,6 +180,8 @@ class Training:
     grads: GradStats | None  # weight gradients per conv layer (``run.grad_stats``)
     flow: GradFlow | None  # gradients at each LIF's input (``run.grad_stats``)
     out_dir: Path | None
+    neurons: tuple[type, ...]  # ``model.neurons``: the user's spiking classes, hooked like ours
+    memory: list[nn.Module]  # modules with a ``reset()`` (SpikingJelly's neurons): reset before each batch
 
     @classmethod
     def set_up(cls, cfg: Config) -> Training:
@@ -187,15 +192,19 @@ class Training:
         whole = compiles(cfg, device)  # the whole step; the LIF's own compiled loops would nest in it
         lif = cfg.neuron.model_copy(update={"compile": "never"}) if whole else cfg.neuron
         neuron = lif.factory(cuda=device.type == "cuda")
-        backbone = cfg.model.build(data.num_classes, data.in_channels, neuron)
-        net = ShortcutNet(backbone, cfg.heads.exits, data.num_classes, neuron, cfg.heads.hidden).to(device)
+        shape = input_shape(cfg.data)._replace(channels=data.in_channels, classes=data.num_classes)
+        backbone = build_backbone(cfg, shape, neuron)
+        taps = check_exits(cfg, run_probe(backbone, shape, cfg.model.arch))
+        net = ShortcutNet(backbone, taps, data.num_classes, neuron, cfg.heads.hidden, cfg.heads.tokens).to(device)
         if device.type == "cuda":
             net = net.to(memory_format=torch.channels_last)
         optimizer = OPTIMIZERS[cfg.optim.name](net.parameters(), cfg.optim)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.optim.epochs)
-        grads, flow = (GradStats(backbone), GradFlow(backbone)) if cfg.run.grad_stats else (None, None)
+        neurons = cfg.model.neuron_classes()
+        grads, flow = (GradStats(backbone), GradFlow(backbone, neurons)) if cfg.run.grad_stats else (None, None)
         out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else None
-        return cls(cfg, device, data, backbone, net, optimizer, scheduler, whole, grads, flow, out_dir)
+        return cls(cfg, device, data, backbone, net, optimizer, scheduler, whole, grads, flow, out_dir, neurons,
+                   stateful(backbone))
 
     def resume(self) -> tuple[list[EpochReport], int]:
         """With ``run.resume`` and a ``last.pt``: the net, optimizer, LR schedule and generators as they were
@@ -221,6 +230,7 @@ class Training:
         """One optimizer step on a batch: (main logits, loss)."""
         flow = self.flow
         run = compiled_step() if self.whole and not measured else step_loss
+        reset_states(self.memory)
         with flow if measured else nullcontext(), _autocast(self.device, self.cfg.optim.amp):
             if measured:
                 flow.capture = split
@@ -266,7 +276,7 @@ class Training:
         """The epoch's report: training's figures, the validation pass's (loss, accuracy, synaptic ops and
         energy, firing rates) and the gradient statistics gathered while training (the monitors reset)."""
         metrics = {"train_loss": trained.loss, "train_acc": trained.acc}
-        rates, ops = FiringRates(self.backbone), SynapticOps(self.backbone)
+        rates, ops = FiringRates(self.backbone, self.neurons), SynapticOps(self.backbone)
         if self.data.val is not None:  # none when retraining on train + val
             val = evaluate(self.backbone, self.data.val, self.cfg, self.device, (rates, ops))
             metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], **ops.summary()}
@@ -323,4 +333,4 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     model_path = None
     if training.out_dir:
         model_path = training.save_model({**(history[-1].metrics if history else {}), **scores})
-    return FitResult(history, scores, stopped, training.backbone, model_path)
+    return FitResult(history, scores, stopped, training.net.strip(), model_path)

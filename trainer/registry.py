@@ -18,13 +18,16 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator: ``@DATASETS.register("digits")`` (default name: the function's)."""
+    def register(self, name: str | None = None, **attrs: object) -> Callable[[T], T]:
+        """Decorator: ``@DATASETS.register("digits")`` (default name: the function's); ``attrs`` are set on
+        the entry (``@DATASETS.register(shape=...)``), so what belongs to an entry is written beside it."""
 
         def add(entry: T) -> T:
             key = name or entry.__name__  # type: ignore[attr-defined]
             if key in self._entries:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
+            for attr, value in attrs.items():
+                setattr(entry, attr, value)
             self._entries[key] = entry
             return entry
 
