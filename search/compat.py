@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.artifacts._protocol import ArtifactStore  # the stores' common type; not re-exported
 from optuna.storages._heartbeat import BaseHeartbeat  # what fail_stale_trials checks; not re-exported
 from optuna.trial import FrozenTrial
 
-__all__ = ["ArtifactStore", "BaseHeartbeat", "Heartbeats", "frozen", "searcher_done", "searcher_study",
-           "searcher_trial", "storage", "trial_id"]
+__all__ = ["ArtifactStore", "BaseHeartbeat", "Heartbeats", "frozen", "rdb_beating_trial_ids", "rdb_stale_trial_ids",
+           "searcher_done", "searcher_study", "searcher_trial", "stale_trial_ids", "storage", "study_id", "trial_id"]
 
 
 def storage(study: optuna.Study) -> optuna.storages.BaseStorage:
@@ -38,6 +39,26 @@ class Heartbeats(BaseHeartbeat):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         return self.stale_trial_ids(study_id)
+
+
+def study_id(study: optuna.Study) -> int:
+    return study._study_id
+
+
+def stale_trial_ids(storage: optuna.storages.BaseStorage, study_id: int) -> list[int]:
+    """The trials a heartbeat storage judges stale (the hook Optuna's ``fail_stale_trials`` reads)."""
+    return storage._get_stale_trial_ids(study_id)
+
+
+def rdb_stale_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
+    """RDBStorage's own stale trials: those whose heartbeat row is older than the grace period."""
+    return optuna.storages.RDBStorage._get_stale_trial_ids(storage, study_id)
+
+
+def rdb_beating_trial_ids(storage: optuna.storages.RDBStorage) -> set[int]:
+    """Trials that have a heartbeat row (Optuna's schema names the table ``trial_heartbeats``)."""
+    with storage.engine.connect() as conn:
+        return {row[0] for row in conn.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats"))}
 
 
 # Ray Tune's OptunaSearch keeps its Optuna study and the Optuna trial of each Tune trial private.

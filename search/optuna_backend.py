@@ -15,16 +15,19 @@ from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from search import compat
 from search.budget import Heartbeat, ask_within, claim_worker, is_baseline
 from search.progress import EpochProgress, TrialLine
+from search.retry import Preempted
 from search.pruners import make_pruner
 from search.samplers import Grid, make_sampler
 from search.space import Space, suggest
 from search.storage import artifact_store, fail_stale, heartbeat_enabled, study_dir
 from search.study import BASELINE, create_study
-from search.trial import Outcome, TrialRecord, directories, finish, run_trial
+from search.trial import Outcome, TrialRecord, directories, drop_checkpoints, finish, run_trial, trial_dir
+from trainer.errors import UserError
 from trainer.fit import EpochReport
 
 
@@ -63,10 +66,15 @@ class Worker:
         study, s = self.study, self.space.study
         started, announced = time.perf_counter(), False
         while timeout is None or time.perf_counter() - started < timeout:
-            stale = fail_stale(study)
-            if stale:
-                self.say(f"trials {stale} stopped beating (their worker died): failed, and queued again "
+            queued, exhausted = fail_stale(study)
+            if queued:
+                self.say(f"trials {queued} stopped beating (their worker died): failed, and queued again "
                          f"with the same params (up to study.max_retry={s.max_retry} times)")
+            if exhausted:
+                for number in exhausted:
+                    drop_checkpoints(trial_dir(self.root, number))
+                self.say(f"trials {exhausted} stopped beating (their worker died) and used up their retries "
+                         f"(study.max_retry={s.max_retry}): failed for good, checkpoints dropped")
             if _exhausted(study):
                 self.say("grid exhausted: every point of the grid has run")
                 break
@@ -81,7 +89,13 @@ class Worker:
                 self.say(f"study {s.name!r}: running trials up to {s.n_trials} ({s.sampler}, pruner {pruner}); "
                          f"sampler seed stream {self.index}, trial files in {self.root / 'trials'}")
                 announced = True
-            self.line(study, self.run_one(trial))
+            try:
+                ended = self.run_one(trial)
+            except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
+                reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:200]
+                raise UserError(f"storage {self.url}: cannot write ({reason}); trial {trial.number} stays RUNNING "
+                                f"until its heartbeat goes stale, and the next run retries it") from None
+            self.line(study, ended)
         if not announced:
             self.say(f"study {s.name!r} already has {s.n_trials} trials")
         return study
@@ -93,7 +107,6 @@ class Worker:
         starts = frozen.user_attrs.get("starts", []) if earlier else []  # a retry inherits the original's attrs
         trial.set_user_attr("worker", self.name)
         reference = is_baseline(frozen)
-        values = BASELINE if reference else suggest(trial, self.space.params)
 
         def hook(record: TrialRecord, report: EpochReport, restored: bool) -> None:
             if single:
@@ -105,15 +118,25 @@ class Worker:
             if single and not reference and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {report.epoch + 1} epochs")
 
-        with Heartbeat(self.storage, compat.trial_id(trial), trial.number):
+        with Heartbeat(self.storage, compat.trial_id(trial), trial.number):  # from before the first suggestion
+            try:
+                values = BASELINE if reference else suggest(trial, self.space.params)
+            except Exception as err:  # noqa: BLE001 - a sampler that cannot draw fails this trial, not the worker
+                return finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"cannot sample the params "
+                              f"({type(err).__name__}: {str(err)[:200]})"), directory, self.artifacts)
             try:
                 outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs, starts)
-            except KeyboardInterrupt:
-                finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason="interrupted (Ctrl-C); queued again",
+            except KeyboardInterrupt as stop:
+                why = "preempted (SIGTERM)" if isinstance(stop, Preempted) else "interrupted (Ctrl-C)"
+                finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"{why}; queued again",
                                              requeue=True), directory, self.artifacts)
-                self.say(f"trial {trial.number} interrupted: queued again, resumes from {directory / 'last.pt'}")
+                self.say(f"trial {trial.number} {why}: queued again, resumes from {directory / 'last.pt'}")
                 raise
-        return finish(study, trial, outcome, directory, self.artifacts)
+        ended = finish(study, trial, outcome, directory, self.artifacts)
+        if outcome.stop:
+            raise UserError(f"trial {trial.number}: {outcome.fail_reason} (free space under {self.root}, then "
+                            f"run the same command again)")
+        return ended
 
 
 def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,

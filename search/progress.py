@@ -56,6 +56,14 @@ class EpochProgress:
               f"lambda={m['lambda']:.3f} {per_epoch:.1f} s/epoch ETA {_duration(per_epoch * left)}",
               file=self._stream(), flush=True)
 
+    def warn(self, text: str) -> None:
+        """A line the user must see, whatever the bar is doing."""
+        line = f"{self.tag}warning: {text}"
+        if self.bar is not None:
+            self.bar.write(line, file=self._stream())
+        else:
+            print(line, file=self._stream(), flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

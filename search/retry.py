@@ -10,6 +10,7 @@ of those attempts into its own directory and continues from the last finished ep
 from __future__ import annotations
 
 import copy
+import signal
 import warnings
 
 import optuna
@@ -37,12 +38,32 @@ def requeue(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> b
     return max_retry is None or len(retry_history(trial)) <= max_retry  # the callback appended this attempt
 
 
+class Preempted(KeyboardInterrupt):
+    """SIGTERM, as a preemption sends before SIGKILL: handled as Ctrl-C is (the running trial is queued
+    again and resumes from its last finished epoch), but the process exits 143."""
+
+
+def on_sigterm() -> None:
+    """From now on SIGTERM raises ``Preempted`` in the main thread."""
+
+    def preempted(signum: int, frame: object) -> None:
+        raise Preempted("preempted (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, preempted)
+
+
 class Requeue:
-    """The storages' stale-trial callback (``fail_stale_trials`` has failed the trial already): a class,
-    so a storage holding it still pickles for Ray."""
+    """The storages' stale-trial callback (``fail_stale`` has failed the trial already): a class, so a
+    storage holding it still pickles for Ray."""
 
     def __init__(self, max_retry: int | None) -> None:
         self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         requeue(study, trial, self.max_retry)
+
+    def reason(self, trial: FrozenTrial) -> str:
+        """What a stale ``trial``'s ``fail_reason`` says: queued again, or its retries are used up."""
+        if self.max_retry is None or len(retry_history(trial)) < self.max_retry:
+            return "its worker stopped beating (killed, preempted or lost); queued again"
+        return f"its worker stopped beating; retries used up (study.max_retry={self.max_retry})"

@@ -2,7 +2,8 @@
 
 Re-running the same command resumes the study: trials that a killed or interrupted worker left behind
 continue from their last finished epoch, and the study is topped up to ``study.n_trials`` trials.
-Bad input exits with code 2 and a one-line error before the study is touched; Ctrl-C exits with 130.
+Bad input exits with code 2 and a one-line error before the study is touched; Ctrl-C exits with 130 and
+SIGTERM (a preemption) with 143, each after queueing the running trials again.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from search.retry import Preempted, on_sigterm
 from search.space import Space, load_space
 from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir
 from trainer.errors import Parser, UserError, command
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent said it; keep the bars clean
+    on_sigterm()
     try:
         if args.worker_index is None:
             print(f"storage: {url}", flush=True)
@@ -114,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 space.base = {**space.base, "run": {**space.base.get("run", {}), "device": worker_devices[0]}}
             tag = "" if args.worker_index is None else f"w{args.worker_index} "
             study = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
-        return 130
+    except KeyboardInterrupt as stop:
+        preempted = isinstance(stop, Preempted)
+        print(f"{'preempted (SIGTERM)' if preempted else 'interrupted'}: run the same command again to resume",
+              file=sys.stderr, flush=True)
+        return 143 if preempted else 130
     if args.worker_index is not None:
         return 0
     if len(worker_devices) > 1 and code:

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore, GCSArtifactStore
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -59,6 +59,25 @@ def _is_journal(url: str) -> bool:
     return url.startswith("journal:") or url.endswith(".log")
 
 
+def _started(trial: FrozenTrial) -> float:
+    return trial.datetime_start.timestamp() if trial.datetime_start else time.time()
+
+
+class HeartbeatRDBStorage(compat.Heartbeats, RDBStorage):
+    """Optuna's RDB storage, whose stale trials also include RUNNING trials that never beat (a worker that
+    died between its ask and its first beat) once the grace period has passed since they started: Optuna
+    judges only trials with a heartbeat row, so such a trial would stay RUNNING for ever."""
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = compat.rdb_stale_trial_ids(self, study_id)
+        beating, now = compat.rdb_beating_trial_ids(self), time.time()
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            tid = compat.trial_id(trial)
+            if tid not in beating and tid not in stale and now - _started(trial) > self.grace_period:
+                stale.append(tid)
+        return stale
+
+
 class HeartbeatJournalStorage(JournalStorage, compat.Heartbeats):
     """A journal storage with heartbeats: each running trial touches ``<journal>.beats/<trial_id>``.
 
@@ -79,7 +98,8 @@ class HeartbeatJournalStorage(JournalStorage, compat.Heartbeats):
         now, stale = time.time(), []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             beat = self.beats / str(compat.trial_id(trial))
-            if beat.exists() and now - beat.stat().st_mtime > self.grace:  # no beat yet: not judged, as RDB
+            last = beat.stat().st_mtime if beat.exists() else _started(trial)  # no beat at all: since its start
+            if now - last > self.grace:
                 stale.append(compat.trial_id(trial))
         return stale
 
@@ -113,7 +133,7 @@ def open_storage(url: str, heartbeat: int = 10, max_retry: int | None = 2) -> op
         connect = {"sqlite": {"timeout": storage_timeout}, "postgresql": {"connect_timeout": storage_timeout}}
         for attempt in range(3):  # workers started at once race to create Optuna's tables; the loser retries
             try:
-                return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                return HeartbeatRDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
                                   heartbeat_stale_trial_callback=retry,
                                   engine_kwargs={"connect_args": connect.get(backend, {}), "pool_pre_ping": True})
             except (SQLAlchemyError, ImportError) as err:
@@ -128,18 +148,27 @@ def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:
     return isinstance(storage, compat.BaseHeartbeat) and storage.get_heartbeat_interval() is not None
 
 
-def fail_stale(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker stopped beating, queueing each again (up to ``max_retry``)
-    through the storage's retry callback; returns the numbers of the failed trials."""
-    if not heartbeat_enabled(compat.storage(study)):
-        return []
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    if not running:
-        return []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-    return sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in running)
+def fail_stale(study: optuna.Study) -> tuple[list[int], list[int]]:
+    """Fail RUNNING trials whose worker stopped beating, each with a ``fail_reason``, and queue each again
+    (up to ``max_retry``) through the storage's retry callback: (numbers queued again, numbers whose retries
+    are used up). Optuna's ``fail_stale_trials`` does the same but cannot say why: a finished trial's attrs
+    cannot change, so the reason is written while the trial still runs."""
+    storage = compat.storage(study)
+    if not heartbeat_enabled(storage):
+        return [], []
+    retry = storage.get_heartbeat_stale_trial_callback()
+    queued, exhausted = [], []
+    for tid in compat.stale_trial_ids(storage, compat.study_id(study)):
+        trial = storage.get_trial(tid)
+        try:
+            storage.set_trial_user_attr(tid, "fail_reason", retry.reason(trial))
+            if not storage.set_trial_state_values(tid, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker judged it first
+        retry(study, storage.get_trial(tid))
+        (queued if retry.reason(trial).endswith("queued again") else exhausted).append(trial.number)
+    return sorted(queued), sorted(exhausted)
 
 
 ARTIFACT_STORES = {  # URL scheme of study.artifacts -> Optuna's store for that service (any other: a folder)

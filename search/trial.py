@@ -16,6 +16,8 @@ ends, for both backends: user attrs, ``fail_reason``, artifacts, checkpoints and
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import traceback
 from collections.abc import Callable
@@ -33,11 +35,12 @@ from search.retry import requeue, retry_history
 from search.metrics import METRICS, spike_rate
 from search.progress import EpochProgress
 from search.space import Space
-from trainer.checkpoint import MODEL_FILE, STATE_FILE, load_history
+from trainer.checkpoint import MODEL_FILE, STATE_FILE, UnreadableStateError, load_history
 from trainer.config import ConfigError
 from trainer.fit import EpochReport, fit
 
 CONFIG_FILE = "config.yaml"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class TrialRecord:
@@ -83,6 +86,7 @@ class Outcome:
     attrs: dict[str, object] = field(default_factory=dict)
     fail_reason: str | None = None
     requeue: bool = False  # interrupted: FAIL, keep last.pt and queue a copy that resumes from it
+    stop: bool = False  # the worker cannot go on (its disk is full): it exits with ``fail_reason``
 
 
 # Called after each epoch with the record so far, the epoch's report and whether that epoch was
@@ -133,10 +137,6 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
     except ConfigError as err:
         return Outcome(TrialState.FAIL, record.values, fail_reason=str(err))
     record.attrs["config"] = cfg.to_dict()
-    directory.mkdir(parents=True, exist_ok=True)
-    if not keep_own:
-        drop_checkpoints(directory)
-    (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     def on_epoch(report: EpochReport) -> None:
         record.update(report)
@@ -144,8 +144,12 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
         hook(record, report, False)
 
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not keep_own:
+            drop_checkpoints(directory)
+        (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _adopt(directory, earlier)
-        restored = [EpochReport(**r) for r in load_history(directory)]  # an unreadable last.pt fails the trial
+        restored = [EpochReport(**r) for r in _readable_history(directory, progress)]
         record.starts.append(len(restored))
         for report in restored:
             record.update(report)
@@ -155,16 +159,39 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
             on_epoch, test=False)
     except optuna.TrialPruned:
         return Outcome(TrialState.PRUNED, record.values, record.attrs)
+    except OSError as err:
+        if err.errno in DISK_FULL:  # not this config's fault: the copy runs once there is room
+            return Outcome(TrialState.FAIL, record.values, record.attrs, f"disk full: {err.strerror or err}; "
+                           f"queued again", requeue=True, stop=True)
+        return _failed(record, directory, err)
     except Exception as err:  # noqa: BLE001 - any error fails this trial, not the worker
-        (directory / "error.txt").write_text(traceback.format_exc())
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # after an out-of-memory error, leave the next trial the memory
-        return Outcome(TrialState.FAIL, record.values, record.attrs, _one_line(err))
+        return _failed(record, directory, err)
     finally:
         progress.close()
     if any(math.isnan(v) for v in record.values):
         return Outcome(TrialState.FAIL, record.values, record.attrs, f"a metric is NaN: {record.values}")
     return Outcome(TrialState.COMPLETE, record.values, record.attrs)
+
+
+def _readable_history(directory: Path, progress: EpochProgress) -> list[dict]:
+    """The reports in ``last.pt``; one that cannot be read (truncated, garbage, or a pickle that is more
+    than tensors and plain types) is set aside as ``last.pt.unreadable`` and the trial starts again from
+    epoch 0 with its params, rather than failing for good."""
+    try:
+        return load_history(directory)
+    except UnreadableStateError as err:
+        (directory / STATE_FILE).replace(directory / f"{STATE_FILE}.unreadable")
+        progress.warn(f"{err}; set aside as {STATE_FILE}.unreadable, starting again from epoch 0")
+        return []
+
+
+def _failed(record: TrialRecord, directory: Path, err: BaseException) -> Outcome:
+    """A failed trial's outcome; the traceback goes to ``error.txt`` if the folder can still be written."""
+    with contextlib.suppress(OSError):
+        (directory / "error.txt").write_text(traceback.format_exc())
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # after an out-of-memory error, leave the next trial the memory
+    return Outcome(TrialState.FAIL, record.values, record.attrs, _one_line(err))
 
 
 def keep_artifacts(store: compat.ArtifactStore, trial: optuna.Trial, directory: Path) -> None:

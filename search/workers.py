@@ -2,8 +2,9 @@
 
 Each worker is a ``python -m search.run`` process of its own (its own sampler seed stream, heartbeat and
 trial directory), pinned to one device through ``run.device``. The children run in their own process
-groups, so Ctrl-C reaches only this parent, which passes exactly one SIGINT to each: every worker
-queues its running trial again (it resumes from its last epoch on the next run) and exits.
+groups, so Ctrl-C reaches only this parent, which passes exactly one SIGINT to each, and SIGTERM (a
+preemption) one SIGTERM to each: every worker queues its running trial again (it resumes from its last
+epoch on the next run) and exits, and the parent waits for them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 
+from search.retry import Preempted
 from trainer.errors import UserError
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -65,14 +67,16 @@ def launch(args: argparse.Namespace, devices: list[str]) -> int:
           f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
     try:
         return max(p.wait() for p in procs)
-    except KeyboardInterrupt:
-        print("Ctrl-C: stopping the workers; their running trials are queued again", flush=True)
+    except KeyboardInterrupt as stop:
+        preempted = isinstance(stop, Preempted)
+        print(f"{'SIGTERM' if preempted else 'Ctrl-C'}: stopping the workers; their running trials are queued again",
+              flush=True)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(signal.SIGTERM if preempted else signal.SIGINT)
         for p in procs:
             try:
                 p.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 p.kill()
-        return 130
+        return 143 if preempted else 130

@@ -155,3 +155,17 @@ def test_train_step_benchmark_times_eager_and_compiled_steps(tmp_path: Path) -> 
     assert rec["args"].items() >= {"batch": 2, "timesteps": 1, "width": 4, "steps": 1, "rounds": 1}.items()
     assert [(r[0], r[1]) for r in rows] == [("resnet20", 0), ("resnet20", 6)]  # digits config's six heads
     assert all(rounded(r[2], 1) > 0 and rounded(r[3], 1) > 0 for r in rows)
+
+
+def test_depth_benchmark_compares_heads_per_depth(tmp_path: Path) -> None:
+    (runs, gaps), rec = bench(tmp_path, "depth.py", *"--archs resnet18 vgg16 --seeds 0 1 --epochs 2 --width 2 "
+                                                    "--limit 32".split())
+    assert rec["args"]["archs"] == ["resnet18", "vgg16"] and rec["args"]["seeds"] == [0, 1]
+    assert [(r[0], r[1]) for r in runs] == [("resnet18", "no"), ("resnet18", "yes"), ("vgg16", "no"), ("vgg16", "yes")]
+    for row in runs:
+        acc = row[2]
+        assert 0 <= acc["mean"] <= 1 and acc["sd"] >= 0 and len(row[3].split()) == 2 and row[4] > 0
+    assert [g[0:2] for g in gaps] == [["resnet18", 18], ["vgg16", 16]]
+    for (plain, heads), gap in zip(zip(runs[::2], runs[1::2]), gaps):
+        assert gap[4] == pytest.approx(heads[2]["mean"] - plain[2]["mean"])  # gain = heads - none
+        assert gap[5] == pytest.approx(heads[4] / plain[4])

@@ -74,8 +74,11 @@ def storage_url(kind, tmp_path, request):
     return f"sqlite:///{tmp_path}/d.db" if kind == "sqlite" else f"journal:{tmp_path}/d.log"
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
-def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_path, kind, request):
+@pytest.mark.parametrize("kind,sig", [("sqlite", "SIGKILL"), ("journal", "SIGKILL"), ("postgresql", "SIGKILL"),
+                                      ("sqlite", "SIGTERM")])
+def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_path, kind, sig, request):
+    """SIGKILL: no handler runs, the trial stays RUNNING with its last.pt until its heartbeat goes stale.
+    SIGTERM (a preemption): the worker queues it again at once and exits 143."""
     url = storage_url(kind, tmp_path, request)
     space = space_file(tmp_path, epochs=5, data=", limit: 256")  # ~0.5 s per epoch
     cmd = command(space, url, 1, "--study-dir", str(tmp_path / "durable"))
@@ -84,15 +87,24 @@ def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_pat
         wait_for(url, lambda ts: any(t.state == TrialState.RUNNING and t.user_attrs.get("epochs_run", 0) >= 2
                                      for t in ts))
     finally:
-        victim.kill()  # SIGKILL: no handler runs, the trial stays RUNNING with its last.pt
+        victim.send_signal(getattr(signal, sig))
+    started = time.time()
     out = victim.communicate()[0]
     assert "trial 0 epoch 2/5 val_acc=" in out and "s/epoch ETA" in out  # a line per epoch off a terminal
     killed = trials(url)[0]
-    assert killed.state == TrialState.RUNNING and (tmp_path / "durable" / "trials" / "0" / "last.pt").exists()
+    assert (tmp_path / "durable" / "trials" / "0" / "last.pt").exists()
+    if sig == "SIGTERM":
+        assert victim.returncode == 143 and time.time() - started < 10, out
+        assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "preempted (SIGTERM); queued again"
+        assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.WAITING]  # no stale wait needed
+    else:
+        assert killed.state == TrialState.RUNNING
 
     resumed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "trials [0] stopped beating (their worker died): failed, and queued again" in resumed.stdout
+    if sig == "SIGKILL":
+        assert "trials [0] stopped beating (their worker died): failed, and queued again" in resumed.stdout
+        assert trials(url)[0].user_attrs["fail_reason"].startswith("its worker stopped beating")
     done = trials(url)
     states = [t.state for t in done]
     assert sum(s in DONE for s in states) == 1 and TrialState.RUNNING not in states  # the retry was free
@@ -109,7 +121,10 @@ def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_pat
     assert sorted(p.name for p in (trial_dirs / str(retry.number)).iterdir()) == ["config.yaml", "model.pt"]
 
 
-def test_ctrl_c_queues_the_running_trials_of_every_worker_again(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_path, sig):
+    """Ctrl-C reaches the terminal's process group; a preemption's SIGTERM reaches the parent alone, which
+    passes it to its workers (each in its own session) and waits for them."""
     url = f"sqlite:///{tmp_path}/d.db"
     space = space_file(tmp_path, epochs=8, data=", limit: 256")  # epochs enough that both still run at the signal
     parent = subprocess.Popen(command(space, url, 3, "--workers", "2"), cwd=ROOT, stdout=subprocess.PIPE,
@@ -118,11 +133,15 @@ def test_ctrl_c_queues_the_running_trials_of_every_worker_again(tmp_path):
         wait_for(url, lambda ts: sum(t.state == TrialState.RUNNING and t.user_attrs.get("epochs_run", 0) >= 1
                                      for t in ts) == 2)
     finally:
-        os.killpg(parent.pid, signal.SIGINT)  # as a terminal's Ctrl-C does; the parent stops its workers
+        if sig == "SIGINT":
+            os.killpg(parent.pid, signal.SIGINT)  # as a terminal's Ctrl-C does; the parent stops its workers
+        else:
+            parent.send_signal(signal.SIGTERM)
     out = communicate(parent, 120)
-    assert parent.returncode == 130, out
+    assert parent.returncode == (130 if sig == "SIGINT" else 143), out
+    why = "interrupted (Ctrl-C)" if sig == "SIGINT" else "preempted (SIGTERM)"
     interrupted = [t for t in trials(url) if t.state == TrialState.FAIL]
-    assert len(interrupted) == 2 and all("interrupted" in t.user_attrs["fail_reason"] for t in interrupted)
+    assert len(interrupted) == 2 and all(why in t.user_attrs["fail_reason"] for t in interrupted)
     assert sum(t.state == TrialState.WAITING for t in trials(url)) == 2
     assert "w0 trial" in out and "w1 trial" in out
 
@@ -327,3 +346,180 @@ def test_a_worker_with_nothing_left_exits_a_poll_after_the_others_trials_end(tmp
     worker.run(timeout=None)
     assert sleeps == [optuna_backend.POLL] and optuna_backend.POLL < space.study.heartbeat
     assert [t.state for t in worker.study.get_trials()] == [TrialState.COMPLETE]
+
+
+class Pwned:
+    """A pickle that would write a file when loaded: what a forged last.pt in a shared folder holds."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("damage", ["forged", "truncated", "garbage"])
+def test_a_resume_state_that_cannot_be_read_restarts_the_trial_from_epoch_0(tmp_path, damage):
+    """A forged last.pt is refused unread (weights_only=True: its code never runs), a truncated or garbage one
+    too; the retry keeps its params and trains from epoch 0, with a warning, instead of failing for good."""
+    import pickle
+
+    space = load_space(space_file(tmp_path, epochs=2))
+    earlier = tmp_path / "t0"
+    out = run_trial(space, 0, {"lambda.start": 0.5}, earlier, [], lambda r, e, restored: None,
+                    EpochProgress(out=io.StringIO()))
+    assert out.state == TrialState.COMPLETE
+    state = earlier / "last.pt"
+    fit(space.config({"lambda.start": 0.5}).model_copy(update={"run": build({"run": {"out_dir": str(earlier)}}).run}),
+        lambda report: True, test=False)  # leaves a last.pt after epoch 1, as a killed worker does
+    pwned = tmp_path / "pwned"
+    if damage == "forged":
+        state.write_bytes(pickle.dumps({"net": Pwned(pwned)}))
+    elif damage == "truncated":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    else:
+        state.write_bytes(os.urandom(4096))
+    log = io.StringIO()
+    seen = []
+    retry = run_trial(space, 1, {"lambda.start": 0.5}, tmp_path / "t1", [earlier],
+                      lambda r, e, restored: seen.append((e.epoch, restored)), EpochProgress(out=log), starts=[0])
+    assert retry.state == TrialState.COMPLETE and seen == [(0, False), (1, False)]  # from epoch 0, nothing restored
+    assert retry.attrs["starts"] == [0, 0] and retry.attrs["config"]["lambda"]["start"] == 0.5
+    assert "last.pt: not a resume state" in log.getvalue() and "starting again from epoch 0" in log.getvalue()
+    assert (tmp_path / "t1" / "last.pt.unreadable").exists() and not pwned.exists()  # never executed
+    # the trainer's own resume says so in one line
+    from trainer.__main__ import main
+
+    (tmp_path / "t1" / "last.pt.unreadable").replace(tmp_path / "t1" / "last.pt")
+    assert main(["--set", f"run.out_dir={tmp_path / 't1'}", "--set", "run.resume=true",
+                 "--set", "data.limit=32"]) == 2
+    assert not pwned.exists()
+
+
+def test_a_full_disk_queues_the_trial_again_and_the_worker_exits_2_in_one_line(tmp_path, capsys, monkeypatch):
+    """ENOSPC while writing a checkpoint: the trial fails with a one-line reason naming the file, a copy is
+    queued (it is not the config's fault), nothing stays RUNNING, and the worker stops with exit 2 instead of
+    burning the budget; once there is room the same command resumes from the last epoch written."""
+    import errno
+
+    import trainer.checkpoint as checkpoint
+
+    url = f"sqlite:///{tmp_path}/d.db"
+    space = space_file(tmp_path, epochs=3)
+    real, calls = checkpoint._atomic_save, []
+
+    def full_after_two(obj, path):
+        calls.append(path)
+        if len(calls) > 2:  # epoch 1's model.pt and last.pt fit; then the disk is full
+            raise checkpoint.CheckpointWriteError(errno.ENOSPC, f"cannot write {path}: No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint, "_atomic_save", full_after_two)
+    assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk full: cannot write" in err and "model.pt: No space left on device" in err
+    first, copy = trials(url)
+    assert first.state == TrialState.FAIL and first.user_attrs["fail_reason"].startswith("disk full: cannot write ")
+    assert copy.state == TrialState.WAITING
+    monkeypatch.setattr(checkpoint, "_atomic_save", real)  # room again
+    assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "2"]) == 0
+    done = trials(url)
+    assert [t.state for t in done].count(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in [t.state for t in done]
+    assert done[1].user_attrs["starts"] == [0, 1]  # resumed after the epoch that was written
+
+
+def test_a_storage_that_cannot_be_written_is_one_line_and_the_trial_is_retried(tmp_path, capsys, monkeypatch):
+    """The SQLite file's disk is full at the tell: one line, exit 2; the trial stays RUNNING with no beat and
+    the next run judges it stale and retries it."""
+    url = f"sqlite:///{tmp_path}/d.db"
+    space = space_file(tmp_path, epochs=1)
+    real = optuna.Study.tell
+
+    def full(self, *args, **kwargs):
+        raise optuna.exceptions.StorageInternalError("(sqlite3.OperationalError) database or disk is full")
+
+    monkeypatch.setattr(optuna.Study, "tell", full)
+    assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"storage {url}: cannot write" in err and "database or disk is full" in err
+    assert "trial 0 stays RUNNING" in err and [t.state for t in trials(url)] == [TrialState.RUNNING]
+    monkeypatch.setattr(optuna.Study, "tell", real)
+    time.sleep(timeouts(1)[1] + 0.5)  # its heartbeat goes stale
+    assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "1"]) == 0
+    assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_trial_that_never_beat_is_judged_stale_and_used_up_retries_say_so(tmp_path, kind, capsys):
+    """A RUNNING trial with no heartbeat at all (its worker died between ask and first beat) is stale once the
+    grace period has passed since it started; when its retries are used up, its fail_reason and the log say
+    so and its checkpoints are dropped."""
+    from search.storage import fail_stale
+
+    url = f"sqlite:///{tmp_path}/d.db" if kind == "sqlite" else f"journal:{tmp_path}/d.log"
+    storage = open_storage(url, heartbeat=1, max_retry=1)
+    for attr in ("grace", "grace_period"):  # judge after 1 s, not the default 6
+        if hasattr(storage, attr):
+            setattr(storage, attr, 1)
+    study = optuna.create_study(study_name="durable", storage=storage)
+    study.ask()  # RUNNING, never beats
+    assert fail_stale(study) == ([], [])
+    time.sleep(1.5)
+    assert fail_stale(study) == ([0], [])
+    first, copy = study.get_trials()
+    assert first.state == TrialState.FAIL and "queued again" in first.user_attrs["fail_reason"]
+    assert copy.state == TrialState.WAITING
+    study.ask()  # the copy runs, and its worker dies too
+    time.sleep(1.5)
+    assert fail_stale(study) == ([], [1])
+    assert study.get_trials()[1].user_attrs["fail_reason"] == (
+        "its worker stopped beating; retries used up (study.max_retry=1)")
+    assert len(study.get_trials()) == 2  # no third copy
+
+
+def test_a_worker_drops_the_checkpoints_of_a_trial_whose_retries_are_used_up(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path}/d.db"
+    space = space_file(tmp_path, epochs=1, study=", max_retry: 0")
+    storage = open_storage(url, heartbeat=1, max_retry=0)
+    from search.study import create_study
+
+    study = create_study(load_space(space), storage, tmp_path / "durable")
+    dead = study.ask()
+    folder = tmp_path / "durable" / "trials" / str(dead.number)
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"x")
+    (folder / "model.pt").write_bytes(b"x")
+    time.sleep(timeouts(1)[1] + 0.5)
+    assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "2",
+                         "--study-dir", str(tmp_path / "durable")]) == 0
+    out = capsys.readouterr().out
+    assert "trials [0] stopped beating (their worker died) and used up their retries (study.max_retry=0)" in out
+    assert not (folder / "last.pt").exists() and not (folder / "model.pt").exists()
+    assert "queued again" not in out
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.write_text("\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)])
+        + "\nstudy: {name: b, n_trials: *a8}\nspace: {lambda.start: {type: float, low: 0.1, high: 1}}\n"),
+     "expands to more than 100000 values (nested YAML aliases?)"),
+    (lambda p: p.write_text("#" * (2 << 20)), "bytes; a config or space file is at most 1048576"),
+    (lambda p: os.mkfifo(p), "cannot read (not a regular file: a directory, FIFO or device)"),
+    (lambda p: p.write_text("study: {name: i}\nspace: {optim.lr: {type: float, low: 0.001, high: .inf}}\n"),
+     "'space.optim.lr.high': must be a finite number (got inf)"),
+    (lambda p: p.write_text("study: {name: i}\nspace: {data.timesteps: {type: int, low: .nan, high: 4}}\n"),
+     "'space.data.timesteps.low'"),
+])
+def test_bad_space_files_are_one_line_in_bounded_time_and_memory(tmp_path, capsys, make, message):
+    import resource
+
+    path = tmp_path / "space.yaml"
+    make(path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.time()
+    assert run_cli.main(["--space", str(path), "--storage", f"sqlite:///{tmp_path}/d.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert time.time() - started < 5 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    assert not (tmp_path / "d.db").exists()
+    assert run_cli.main(["--space", "/dev/zero"]) == 2 and "not a regular file" in capsys.readouterr().err

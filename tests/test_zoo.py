@@ -160,6 +160,11 @@ def test_a_search_over_my_own_model_retrains_into_my_own_class(tmp_path, capsys)
     searched = [t for t in done if not t.user_attrs.get("baseline")]
     assert len(searched) == 2 and all(any(k.startswith("heads.exits:block") for k in t.params) for t in searched)
     assert any(name.endswith(".lif") for name in searched[0].user_attrs["firing_rates"])  # model.neurons, hooked
+    from search import report as report_cli
+
+    report = tmp_path / "report.html"  # the report's figures read the layer names this model has
+    assert report_cli.main(["--study", "custom_model", "--storage", url, "--out", str(report)]) == 0
+    assert "block1.lif" in report.read_text()
     assert export_cli.main(["--study", "custom_model", "--storage", url, "--out", str(tmp_path / "exp")]) == 0
     best = yaml.safe_load((tmp_path / "exp" / "best.yaml").read_text())
     assert best["model"]["arch"] == "examples.my_snn:build"

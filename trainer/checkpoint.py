@@ -6,6 +6,8 @@ rebuilds the backbone from it. ``last.pt`` adds heads, optimizer, LR schedule an
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +15,32 @@ import torch
 from torch import nn
 
 from trainer.config import Config, build
+from trainer.errors import UserError
 
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "last.pt"
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, a read-only folder); names the file."""
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
-    """Write then rename, so a crash mid-save never leaves a truncated checkpoint."""
+    """Serialise in memory, write, then rename: a crash mid-save never leaves a truncated checkpoint, and a
+    failed write is an ``OSError`` with its errno (torch's own writer reports a full disk as "unexpected
+    pos"), naming the file and leaving no partial one behind."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+        tmp.replace(path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
 
 
 def save_model(
@@ -87,9 +104,28 @@ def save_state(out_dir: Path, net: nn.Module, optimizer: torch.optim.Optimizer,
     )
 
 
+class UnreadableStateError(UserError):
+    """A ``last.pt`` that is truncated, garbage, or holds anything but tensors and plain types."""
+
+
+STATE_KEYS = {"net", "optimizer", "scheduler", "epoch", "history", "rng", "cuda_rng"}
+
+
 def load_state(out_dir: Path, device: torch.device) -> dict[str, Any] | None:
+    """``last.pt``, or None without one. It is only ever read with ``weights_only=True`` (tensors and plain
+    types: a pickle that would run code is refused, never executed), and what cannot be read or is not a
+    resume state raises ``UnreadableStateError`` naming the file."""
     path = out_dir / STATE_FILE
-    return torch.load(path, map_location=device, weights_only=True) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, garbage or forged: torch raises many kinds
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UnreadableStateError(f"{path}: not a resume state ({type(err).__name__}: {reason})") from None
+    if not isinstance(state, dict) or not STATE_KEYS <= set(state) or not isinstance(state["history"], list):
+        raise UnreadableStateError(f"{path}: not a resume state (keys {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+    return state
 
 
 def load_history(out_dir: Path) -> list[dict]:

@@ -9,6 +9,7 @@ their registries, so adding one is one registered entry (none of those modules i
 from __future__ import annotations
 
 import copy
+import stat
 import typing
 from functools import partial
 from pathlib import Path
@@ -215,8 +216,45 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override: '{key.strip()}': not a YAML value ({str(err).splitlines()[0][:120]})") from None
 
 
+MAX_FILE_BYTES = 1 << 20  # a config or space file is a few KB; anything near a megabyte is a mistake
+MAX_VALUES = 100_000  # values after YAML's aliases are expanded: a nested alias bomb stops here
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values ``data`` holds once its aliases are expanded (PyYAML shares an alias's object, so the
+    count is memoised per object and never walks the expansion), stopping past ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(node)] = total
+        return total
+
+    return size(data)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a regular file of at most ``MAX_FILE_BYTES`` that expands to at most
+    ``MAX_VALUES`` values: a directory, FIFO or device, a huge file or an alias bomb is one line, read in
+    bounded time and memory."""
     path = Path(path)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: cannot read (not a regular file: a directory, FIFO or device)")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {info.st_size} bytes; a config or space file is at most {MAX_FILE_BYTES}")
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -225,8 +263,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    except ValueError as err:  # an integer of more digits than Python converts
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0][:120]})") from None
+    except (ValueError, RecursionError) as err:  # an integer of more digits than Python converts; deep nesting
+        raise ConfigError(f"{path}: not valid YAML ({(str(err).splitlines() or [type(err).__name__])[0][:120]})") from None
+    if _expanded_size(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError(f"{path}: expands to more than {MAX_VALUES} values (nested YAML aliases?)")
     return data if data is not None else {}
 
 
