@@ -152,16 +152,17 @@ def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, study, param, e
     assert str(err.value).startswith(f"{path}: {expected}") and "\n" not in str(err.value)
 
 
-# Nine levels of ten aliases: 10**8 strings once expanded, which a repr would spell out in gigabytes.
+# Four levels of ten aliases: 10**4 strings once expanded, under the file's limit of 100,000 values (a bigger
+# bomb is refused before any key is read: tests/test_reliability.py), whose repr would still be 60 KB.
 BOMB = "final: {l0: &l0 x, " + ", ".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]"
-                                        for i in range(1, 9)) + "}\n"
+                                        for i in range(1, 5)) + "}\n"
 
 
 @pytest.mark.parametrize(
     "study,param,key",
     [
-        ("{name: a, sampler: *l8}", "low: 0, high: 1", "'study.sampler': got [["),
-        ("{name: a}", "low: *l8, high: 1", "'space.lambda.start.low': must be a finite number (got [["),
+        ("{name: a, sampler: *l4}", "low: 0, high: 1", "'study.sampler': got [["),
+        ("{name: a}", "low: *l4, high: 1", "'space.lambda.start.low': must be a finite number (got [["),
     ],
 )
 def test_a_refused_alias_bomb_is_quoted_in_at_most_80_characters(tmp_path, study, param, key):
@@ -200,8 +201,9 @@ def test_shipped_space_takes_each_recipe_as_its_base(path):
         want = load_config(recipe)
         try:
             space = load_space(path, [], recipe)
-        except SpaceError as err:
-            assert want.model.arch == "resnet18" and "resnet18 has no module 'layer1.2'" in str(err)
+        except SpaceError as err:  # the space names exits (or a model) of its own
+            assert path.stem in ("full", "head_positions", "custom_model"), err
+            assert f"'heads.exits': {want.model.arch} has no module" in str(err)
             continue
         cfg = space.config({})
         assert (cfg.data.name, cfg.model.arch, cfg.optim.lr) == (want.data.name, want.model.arch, want.optim.lr)
