@@ -131,7 +131,7 @@ GPU = Sizes(images=50_000, overrides=(), heads_batches=(64, 128), heads_size=32,
 SMOKE = Sizes(images=40, overrides=("model.width=4", "data.timesteps=2", "data.batch_size=8",
                                     "run.grad_stats=false"),
               heads_batches=(2, 4), heads_size=16, rounds=2, repeats=1, warmup=1, lif_timesteps=(2, 4),
-              lif_shape=(2, 4, 8, 8), memory=("resnet20", 8, 4), resume_limit=16, trials=2, trial_limit=16)
+              lif_shape=(2, 4, 8, 8), memory=("resnet20", 8, 4), resume_limit=16, trials=1, trial_limit=16)
 
 
 @dataclass

@@ -240,13 +240,13 @@ def test_checkpoint_keeps_the_cuda_generator_of_the_training_device(monkeypatch)
     assert rng_state(torch.device("cpu"))["cuda_rng"] is None
 
 
-@pytest.mark.parametrize(("arch", "exits"), [("resnet20", []), ("resnet20", ["layer1.0"]), ("resnet18", ["layer1.0"]),
-                                           ("resnet50", ["layer1.0"])],
-                         ids=["plain-resnet20", "heads-resnet20", "heads-resnet18", "heads-resnet50"])
+@pytest.mark.parametrize(("arch", "exits"), [("resnet20", []), ("resnet20", ["layer1.0"]), ("resnet18", ["layer1.0"])],
+                         ids=["plain-resnet20", "heads-resnet20", "heads-resnet18"])
 def test_compiled_step_equals_eager(arch, exits):
     """The traced step (dynamo + AOTAutograd, as inductor gets it; inductor itself is tested by the fit
     below) gives the eager loss and gradients to 1e-5 relative: the CIFAR stem with and without heads, the
-    ImageNet stem and the bottleneck with heads (a head-less trace is the same code less the heads' ops)."""
+    ImageNet stem with heads (a head-less trace is the same code less the heads' ops; a bottleneck is the
+    same ops as a basic block, and tracing ResNet-50 alone took 22 s)."""
     from trainer.fit import step_loss
 
     torch.manual_seed(0)
