@@ -74,11 +74,12 @@ def storage_url(kind, tmp_path, request):
     return f"sqlite:///{tmp_path}/d.db" if kind == "sqlite" else f"journal:{tmp_path}/d.log"
 
 
-@pytest.mark.parametrize("kind,sig", [("sqlite", "SIGKILL"), ("postgresql", "SIGKILL"), ("sqlite", "SIGTERM")])
+@pytest.mark.parametrize("kind,sig", [("postgresql", "SIGKILL"), ("sqlite", "SIGTERM")])
 def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_path, kind, sig, request):
     """SIGKILL: no handler runs, the trial stays RUNNING with its last.pt until its heartbeat goes stale.
-    SIGTERM (a preemption): the worker queues it again at once and exits 143. (The journal file's stale
-    judgement, the one part that differs by storage, is tested in test_units.py and below.)"""
+    SIGTERM (a preemption): the worker queues it again at once and exits 143. SQLite and PostgreSQL judge
+    staleness with the same RDB heartbeats, and the journal file with its own, which test_units.py and
+    test_a_trial_that_never_beat_is_judged_stale_and_used_up_retries_say_so test on each storage."""
     url = storage_url(kind, tmp_path, request)
     space = space_file(tmp_path, epochs=5, data=", limit: 256")  # ~0.5 s per epoch
     cmd = command(space, url, 1, "--study-dir", str(tmp_path / "durable"))

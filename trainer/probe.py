@@ -187,8 +187,9 @@ def _probe(key: str, source: str) -> Probe:
 
 
 def probe(cfg: Config, source: str = "config") -> Probe:
-    """The dry run of ``cfg``'s model on the CPU, once per distinct model and input shape in a process."""
-    key = {"model": cfg.model.model_dump(mode="json", exclude={"compile"}), "neuron": cfg.neuron.model_dump(),
+    """The dry run of ``cfg``'s model on the CPU, once per distinct model and input shape in a process (the
+    neuron's parameters change no shape, so a space that searches them probes each net once)."""
+    key = {"model": cfg.model.model_dump(mode="json", exclude={"compile"}),
            "data": cfg.data.model_dump(mode="json", include={"name", "image_size"})}
     return _probe(json.dumps(key, sort_keys=True), source)
 
