@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from search import compat
 from search.budget import Heartbeat, ask_within, claim_worker, is_baseline
 from search.progress import EpochProgress, TrialLine
-from search.retry import Preempted
+from search.retry import stopped_by
 from search.pruners import make_pruner
 from search.samplers import Grid, make_sampler
 from search.space import Space, suggest
@@ -127,7 +127,7 @@ class Worker:
             try:
                 outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs, starts)
             except KeyboardInterrupt as stop:
-                why = "preempted (SIGTERM)" if isinstance(stop, Preempted) else "interrupted (Ctrl-C)"
+                why = stopped_by(stop)[0]
                 finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"{why}; queued again",
                                              requeue=True), directory, self.artifacts)
                 self.say(f"trial {trial.number} {why}: queued again, resumes from {directory / 'last.pt'}")

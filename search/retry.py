@@ -43,6 +43,11 @@ class Preempted(KeyboardInterrupt):
     again and resumes from its last finished epoch), but the process exits 143."""
 
 
+def stopped_by(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """(what stopped the process, its exit code): a preemption's SIGTERM (143) or Ctrl-C (130)."""
+    return ("preempted (SIGTERM)", 143) if isinstance(stop, Preempted) else ("interrupted (Ctrl-C)", 130)
+
+
 def on_sigterm() -> None:
     """From now on SIGTERM raises ``Preempted`` in the main thread."""
 
@@ -62,8 +67,12 @@ class Requeue:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         requeue(study, trial, self.max_retry)
 
+    def retries_left(self, trial: FrozenTrial) -> bool:
+        """Whether a copy of ``trial`` will be queued (before this attempt is counted)."""
+        return self.max_retry is None or len(retry_history(trial)) < self.max_retry
+
     def reason(self, trial: FrozenTrial) -> str:
         """What a stale ``trial``'s ``fail_reason`` says: queued again, or its retries are used up."""
-        if self.max_retry is None or len(retry_history(trial)) < self.max_retry:
+        if self.retries_left(trial):
             return "its worker stopped beating (killed, preempted or lost); queued again"
         return f"its worker stopped beating; retries used up (study.max_retry={self.max_retry})"

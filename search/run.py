@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.retry import Preempted, on_sigterm
+from search.retry import on_sigterm, stopped_by
 from search.space import Space, load_space
 from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir
 from trainer.errors import Parser, UserError, command
@@ -118,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             tag = "" if args.worker_index is None else f"w{args.worker_index} "
             study = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
     except KeyboardInterrupt as stop:
-        preempted = isinstance(stop, Preempted)
-        print(f"{'preempted (SIGTERM)' if preempted else 'interrupted'}: run the same command again to resume",
-              file=sys.stderr, flush=True)
-        return 143 if preempted else 130
+        why, code = stopped_by(stop)
+        print(f"{why}: run the same command again to resume", file=sys.stderr, flush=True)
+        return code
     if args.worker_index is not None:
         return 0
     if len(worker_devices) > 1 and code:

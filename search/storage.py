@@ -167,7 +167,7 @@ def fail_stale(study: optuna.Study) -> tuple[list[int], list[int]]:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker judged it first
         retry(study, storage.get_trial(tid))
-        (queued if retry.reason(trial).endswith("queued again") else exhausted).append(trial.number)
+        (queued if retry.retries_left(trial) else exhausted).append(trial.number)
     return sorted(queued), sorted(exhausted)
 
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 
-from search.retry import Preempted
+from search.retry import Preempted, stopped_by
 from trainer.errors import UserError
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -68,15 +68,14 @@ def launch(args: argparse.Namespace, devices: list[str]) -> int:
     try:
         return max(p.wait() for p in procs)
     except KeyboardInterrupt as stop:
-        preempted = isinstance(stop, Preempted)
-        print(f"{'SIGTERM' if preempted else 'Ctrl-C'}: stopping the workers; their running trials are queued again",
-              flush=True)
+        why, code = stopped_by(stop)
+        print(f"{why}: stopping the workers; their running trials are queued again", flush=True)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGTERM if preempted else signal.SIGINT)
+                p.send_signal(signal.SIGTERM if isinstance(stop, Preempted) else signal.SIGINT)  # what came
         for p in procs:
             try:
                 p.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 p.kill()
-        return 143 if preempted else 130
+        return code

@@ -22,12 +22,12 @@ def make_parser(prog: str = "snn-train") -> Parser:
 
 def list_exits(cfg) -> str:
     """One line per module whose output a head reads: name, layout, shape per timestep and sample."""
-    from trainer.probe import probe
+    from trainer.probe import default_exits, probe
 
-    found = probe(cfg)
+    defaults = default_exits(cfg.model.arch)
     rows = [(name, tap.layout, "x".join(map(str, tap.shape[2:] if tap.layout != "flat" else tap.shape[1:])),
-             "default" if name in found.default_exits else "")
-            for name, tap in found.taps.items() if tap.layout and tap.calls == 1]
+             "default" if name in defaults else "")
+            for name, tap in probe(cfg).taps.items() if tap.layout and tap.calls == 1]
     width = max(len(r[0]) for r in rows)
     head = (f"# {cfg.model.arch} on {cfg.data.name}: {len(rows)} modules a head can read "
             f"(shapes per timestep and sample; default: heads.exits=[default])")

@@ -22,7 +22,7 @@ def spiking(model: nn.Module, neurons: tuple[type, ...] = ()) -> list[tuple[str,
     return [(name, m) for name, m in model.named_modules() if isinstance(m, classes)]
 
 
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)  # the layers with synapses: gradient statistics and energy
 
 
 def _layer_name(name: str) -> str:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.diagnostics import WEIGHTED
+
 PJ_PER_AC = 0.9
 PJ_PER_MAC = 4.6
 
@@ -50,7 +52,7 @@ class SynapticOps:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+        self.layers = [m for m in model.modules() if isinstance(m, WEIGHTED)]
         self.sops: Tensor | float = 0.0
         self.macs: Tensor | float = 0.0
         self.samples = 0

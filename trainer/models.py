@@ -108,11 +108,6 @@ class ResNet:
     fc_hidden: int | None = None  # ResNet-19 has a 256-unit spiking layer before the classifier
 
     @property
-    def exits(self) -> list[str]:
-        """``layer<stage>.<block>`` of every block, in forward order."""
-        return [f"layer{i + 1}.{j}" for i, blocks in enumerate(self.layers) for j in range(blocks)]
-
-    @property
     def default_exits(self) -> list[str]:
         """The last block of every stage but the last (which the classifier reads anyway)."""
         return [f"layer{i + 1}.{blocks - 1}" for i, blocks in enumerate(self.layers[:-1])]

@@ -57,7 +57,6 @@ class Tap:
 class Probe:
     taps: dict[str, Tap]  # module name -> its output, in the order the forward first called them
     output: tuple[int, ...]
-    default_exits: list[str]  # the architecture's stage ends; [] for an import path
 
 
 def _layout(out: object) -> tuple[tuple[int, ...], Layout | None]:
@@ -122,9 +121,7 @@ def run_probe(model: nn.Module, shape: Shape, arch: str, source: str = "config")
         raise ModelError(f"{source}: bad value for 'model.arch': {arch} returned {got} for a [T={T}, B={B}, ...] "
                          f"input; a model returns logits [B, classes] or [T, B, classes] (classes = "
                          f"{shape.classes})")
-    taps = {name: Tap(*layout, calls) for name, (layout, calls) in seen.items()}
-    defaults = list(ARCHS[arch].default_exits) if arch in ARCHS else []
-    return Probe(taps, tuple(out.shape), defaults)
+    return Probe({name: Tap(*layout, calls) for name, (layout, calls) in seen.items()}, tuple(out.shape))
 
 
 def build_backbone(cfg: Config, shape: Shape, neuron, source: str = "config") -> nn.Module:
@@ -138,30 +135,39 @@ def build_backbone(cfg: Config, shape: Shape, neuron, source: str = "config") ->
                          f"{type(err).__name__}: {quote(str(err))}") from None
 
 
+def default_exits(arch: str) -> list[str]:
+    """A registered architecture's stage ends; an import path declares none."""
+    return list(ARCHS[arch].default_exits) if arch in ARCHS else []
+
+
+def listing(arch: str) -> str:
+    """The command that lists ``arch``'s modules a head can read."""
+    return f"python -m trainer --list-exits --set model.arch={arch}"
+
+
 def exits_of(cfg: Config) -> list[str]:
     """``heads.exits`` with ``default`` replaced by the architecture's default exits."""
     out: list[str] = []
     for e in cfg.heads.exits:
-        out += (ARCHS[cfg.model.arch].default_exits if cfg.model.arch in ARCHS else []) if e == "default" else [e]
+        out += default_exits(cfg.model.arch) if e == "default" else [e]
     return list(dict.fromkeys(out))
 
 
 def select(probe: Probe, exits: list[str], arch: str, hidden: int = 0, source: str = "config") -> dict[str, Tap]:
     """The taps of ``exits``; an exit that is not there, or that a head cannot read, is one line with the
     closest names and the command that lists them all."""
-    listing = f"python -m trainer --list-exits --set model.arch={arch}"
     chosen = {}
     for e in exits:
         tap = probe.taps.get(e)
         if tap is None:
             close = difflib.get_close_matches(e, probe.taps, n=4, cutoff=0.5)
             raise UnknownExitError(f"{source}: bad value for 'heads.exits': {arch} has no module {e!r} "
-                                   f"(closest: {', '.join(close) or 'none'}; all of them: {listing})")
+                                   f"(closest: {', '.join(close) or 'none'}; all of them: {listing(arch)})")
         if tap.layout is None or tap.calls != 1:
             why = f"is called {tap.calls} times per forward" if tap.calls != 1 else f"outputs {tap.shape or 'no tensor'}"
             raise UnknownExitError(f"{source}: bad value for 'heads.exits': module {e!r} of {arch} {why}; a head "
                                    f"reads one [T, B, C, H, W], [T*B, C, H, W], [T, B, N, D] or [T, B, D] output "
-                                   f"per forward (see: {listing})")
+                                   f"per forward (see: {listing(arch)})")
         if hidden and tap.layout not in ("image", "flat"):
             raise UnknownExitError(f"{source}: bad value for 'heads.hidden': a hidden layer needs feature maps, "
                                    f"and {e!r} gives {tap.layout} {tap.shape}; set heads.hidden=0")
@@ -173,8 +179,7 @@ def check_exits(cfg: Config, probe: Probe, source: str = "config") -> dict[str, 
     """``select`` for ``cfg.heads``; ``default`` is for the registered architectures only."""
     if "default" in cfg.heads.exits and cfg.model.arch not in ARCHS:
         raise UnknownExitError(f"{source}: bad value for 'heads.exits': 'default' is for the registered "
-                               f"architectures; name the modules of {cfg.model.arch} (see: python -m trainer "
-                               f"--list-exits --set model.arch={cfg.model.arch})")
+                               f"architectures; name the modules of {cfg.model.arch} (see: {listing(cfg.model.arch)})")
     return select(probe, exits_of(cfg), cfg.model.arch, cfg.heads.hidden, source)
 
 
