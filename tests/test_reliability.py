@@ -154,10 +154,13 @@ def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_p
     retries = [t for t in done if t.system_attrs.get("retry_history")]
     assert len(retries) == 2
     # each retry resumes after the epochs its original finished (a worker may have moved on to the third
-    # trial between the poll and the signal, so one original may have been in its first epoch)
+    # trial between the poll and the signal, so one original may have been in its first epoch). last.pt is
+    # written before the epoch is reported, so a signal between the two leaves the stored epochs_run one
+    # behind the checkpoint the retry resumes from: never ahead of it, never more than one behind.
     originals = {t.number: t for t in interrupted}
-    assert all(t.user_attrs["starts"][-1] == originals[t.system_attrs["retry_history"][0]].user_attrs.get(
-        "epochs_run", 0) for t in retries)
+    for t in retries:
+        recorded = originals[t.system_attrs["retry_history"][0]].user_attrs.get("epochs_run", 0)
+        assert recorded <= t.user_attrs["starts"][-1] <= recorded + 1, (recorded, t.user_attrs["starts"])
     assert any(t.user_attrs["starts"][-1] >= 1 for t in retries)
     assert "fail_reason" not in retries[0].user_attrs  # the retry does not inherit the interruption
     assert len({tuple(sorted(t.params.items())) for t in done if t.state in DONE}) == 3
@@ -183,6 +186,26 @@ def test_two_workers_on_a_journal_file_never_wait_for_a_lock(tmp_path):
             for runs in by_worker.values() for a, b in zip(runs, runs[1:])]
     assert len(gaps) == 6 and max(gaps) < 1.0, gaps
     assert (tmp_path / "d.log.budget.lock").exists()
+
+
+def test_held_load_four_workers_and_four_separate_processes_on_sqlite(tmp_path):
+    """Held load on one SQLite file: ``--workers 4``, and four separate processes started within a second
+    on a new study (they race to create it): each study ends with exactly n trials, no two alike, none
+    RUNNING or WAITING, and no worker met "database is locked"."""
+    space = space_file(tmp_path, epochs=1, data=", limit: 32")
+    parent = subprocess.Popen(command(space, f"sqlite:///{tmp_path}/a.db", 8, "--workers", "4"), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = [communicate(parent)]
+    separate = [subprocess.Popen(command(space, f"sqlite:///{tmp_path}/b.db", 8), cwd=ROOT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outputs += [communicate(p) for p in separate]
+    assert all(p.returncode == 0 for p in [parent, *separate]), outputs
+    for db in ("a", "b"):
+        done = trials(f"sqlite:///{tmp_path}/{db}.db")
+        assert len(done) == 8 and all(t.state == TrialState.COMPLETE for t in done), db
+        assert len({tuple(sorted(t.params.items())) for t in done}) == 8, db
+        assert len({t.user_attrs["worker"] for t in done}) >= 2, db  # the load was shared
+    assert not any("locked" in out.lower() or "Traceback" in out for out in outputs), outputs
 
 
 def test_trial_errors_fail_the_trial_and_the_grid_ends_cleanly(tmp_path, capsys):
