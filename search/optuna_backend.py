@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from functools import partial
 from pathlib import Path
 
 import optuna
@@ -20,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from search import compat
 from search.budget import Heartbeat, ask_within, claim_worker, is_baseline
 from search.progress import EpochProgress, TrialLine
+from search.remote import RemoteState, drop
 from search.retry import stopped_by
 from search.pruners import make_pruner
 from search.samplers import Grid, make_sampler
@@ -73,6 +75,7 @@ class Worker:
             if exhausted:
                 for number in exhausted:
                     drop_checkpoints(trial_dir(self.root, number))
+                    drop(self.artifacts, study.trials[number].user_attrs)
                 self.say(f"trials {exhausted} stopped beating (their worker died) and used up their retries "
                          f"(study.max_retry={s.max_retry}): failed for good, checkpoints dropped")
             if _exhausted(study):
@@ -107,6 +110,7 @@ class Worker:
         starts = frozen.user_attrs.get("starts", []) if earlier else []  # a retry inherits the original's attrs
         trial.set_user_attr("worker", self.name)
         reference = is_baseline(frozen)
+        uploads = RemoteState(self.artifacts, self.space.study.checkpoint_every, self.epochs.warn)
 
         def hook(record: TrialRecord, report: EpochReport, restored: bool) -> None:
             if single:
@@ -115,6 +119,7 @@ class Worker:
                 return
             for key, value in record.attrs.items():
                 trial.set_user_attr(key, value)
+            uploads.upload(trial, directory, report.epoch + 1)
             if single and not reference and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after {report.epoch + 1} epochs")
 
@@ -125,7 +130,8 @@ class Worker:
                 return finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"cannot sample the params "
                               f"({type(err).__name__}: {str(err)[:200]})"), directory, self.artifacts)
             try:
-                outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs, starts)
+                outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs, starts,
+                                    fetch=partial(uploads.fetch, frozen.user_attrs) if earlier else None)
             except KeyboardInterrupt as stop:
                 why = stopped_by(stop)[0]
                 finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"{why}; queued again",

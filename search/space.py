@@ -210,7 +210,8 @@ class Study(_Model):
     storage: _Text = None  # an Optuna storage URL; null: a SQLite file named after the study
     heartbeat: Annotated[int, _count(1)] = 10  # seconds between RUNNING-trial heartbeats (storage.timeouts)
     max_retry: Annotated[int, _count(0)] = 2  # times a trial whose worker died is queued again
-    artifacts: _Text = None  # folder of the artifact store; null: <study dir>/artifacts
+    artifacts: _Text = None  # folder of the artifact store, or s3://bucket, gs://bucket; null: <study dir>/artifacts
+    checkpoint_every: Annotated[int, _count(0)] = 0  # epochs between uploads of last.pt to the artifacts; 0: never
     baseline: _Bool = True  # run the base config without heads once, to measure what the heads gained
 
     @field_validator("directions", mode="plain")

@@ -30,7 +30,7 @@ import yaml
 from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
-from search import compat
+from search import compat, remote
 from search.retry import requeue, retry_history
 from search.metrics import METRICS, spike_rate
 from search.progress import EpochProgress
@@ -123,10 +123,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def run_trial(space: Space, number: int, values: dict, directory: Path, earlier: list[Path], hook: Hook,
-              progress: EpochProgress, starts: list[int] = (), keep_own: bool = False) -> Outcome:
+              progress: EpochProgress, starts: list[int] = (), keep_own: bool = False,
+              fetch: Callable[[Path], None] | None = None) -> Outcome:
     """Train trial ``number`` of ``space`` with the sampled ``values`` in ``directory``, resuming from an
     earlier attempt's ``last.pt`` (``starts``: where earlier runs started), or from its own with
-    ``keep_own`` (a Ray restore put it there); other files already there are from another study of
+    ``keep_own`` (a Ray restore put it there), or from what ``fetch`` puts there when it is newer (the
+    artifact store's copy, ``search/remote.py``); other files already there are from another study of
     the same name and are dropped. Only KeyboardInterrupt (and SystemExit) propagate; the
     checkpoint stays for the retry."""
     metrics = space.study.metrics
@@ -149,6 +151,8 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
             drop_checkpoints(directory)
         (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         _adopt(directory, earlier)
+        if fetch:
+            fetch(directory)
         restored = [EpochReport(**r) for r in _readable_history(directory, progress)]
         record.starts.append(len(restored))
         for report in restored:
@@ -207,11 +211,13 @@ def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, directory
     """End ``trial`` (both backends call this, and nothing else ends a trial): record its user attrs and
     ``fail_reason``; keep a completed trial's model and config as artifacts and drop its resume state;
     drop a pruned or failed trial's checkpoints, except an interrupted one's ``last.pt``, from which the
-    copy queued here resumes; tell Optuna."""
+    copy queued here resumes, and the copy of it uploaded to the artifact store; tell Optuna."""
     for key, value in outcome.attrs.items():
         trial.set_user_attr(key, value)
     if outcome.fail_reason:
         trial.set_user_attr("fail_reason", outcome.fail_reason)
+    if not outcome.requeue:
+        remote.drop(artifacts, trial.user_attrs)
     if outcome.state == TrialState.COMPLETE:
         keep_artifacts(artifacts, trial, directory)
         (directory / STATE_FILE).unlink(missing_ok=True)

@@ -187,3 +187,57 @@ def test_ctrl_c_in_the_launcher_sends_each_worker_one_sigint(monkeypatch):
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
     assert workers.launch(args, ["cpu", "cpu"]) == 130
     assert [p.signals for p in FakeProc.started] == [[signal.SIGINT], [signal.SIGINT]]
+
+
+def _state_with(directory, epochs):
+    """A real ``last.pt`` whose history holds ``epochs`` reports."""
+    import torch
+
+    from trainer.checkpoint import save_state
+
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    save_state(directory, net, optimizer, scheduler, epochs - 1, [{"epoch": e} for e in range(epochs)],
+               torch.device("cpu"))
+
+
+def test_the_resume_state_is_uploaded_every_n_epochs_and_only_the_newest_stays(tmp_path, monkeypatch):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from search.remote import ATTR, RemoteState, drop
+    from trainer.checkpoint import load_history
+
+    (tmp_path / "store").mkdir()
+    store, said = FileSystemArtifactStore(str(tmp_path / "store")), []
+    trial = optuna.create_study().ask()
+    remote, here = RemoteState(store, 2, said.append), tmp_path / "a"
+    for epochs in (1, 2, 3, 4, 5):
+        _state_with(here, epochs)
+        remote.upload(trial, here, epochs)
+        assert trial.user_attrs.get(ATTR, {}).get("epochs") == (epochs // 2 * 2 or None)
+        assert len(os.listdir(tmp_path / "store")) == (epochs >= 2)  # the one before is removed
+    attrs = trial.user_attrs  # what a retry inherits
+
+    there = tmp_path / "b"  # another machine: nothing local, so the upload is downloaded
+    there.mkdir()
+    remote.fetch(attrs, there)
+    assert len(load_history(there)) == 4
+    _state_with(there, 5)  # a local state as new as the upload (or newer) is kept
+    remote.fetch(attrs, there)
+    assert len(load_history(there)) == 5 and not said
+
+    drop(store, attrs)  # the trial ended for good
+    assert os.listdir(tmp_path / "store") == []
+    gone = tmp_path / "c"  # the upload is gone (or the store away): a warning, and no file
+    gone.mkdir()
+    remote.fetch(attrs, gone)
+    assert not os.listdir(gone) and "cannot download the resume state after epoch 4" in said[-1]
+
+    def away(*args):
+        raise ConnectionError("bucket unreachable")
+
+    monkeypatch.setattr(store, "write", away)
+    remote.upload(trial, here, 6)
+    assert trial.user_attrs[ATTR]["epochs"] == 4  # still the last upload that landed
+    assert said[-1].startswith("cannot upload the resume state after epoch 6 (ConnectionError: bucket unreachable)")
