@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search.budget import is_baseline
 from search.space import Space
 from search.storage import artifact_location, open_storage
+from trainer.config import Config
 from trainer.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -62,6 +63,11 @@ def _recorded_identity(study: optuna.Study, space: Space, mine: dict[str, Any]) 
 
 
 def _check_identity(space: Space, stored: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Raise unless ``stored`` and ``mine`` agree; a config key added since the study was created (such as
+    ``lambda.table``) stands at its default in the stored identity, so an upgrade keeps every study."""
+    defaults = {k: v for k, v in _flat(Config().to_dict(), "base").items()
+                if k not in stored and not k.startswith(PLACE_KEYS)}
+    stored = stored | json.loads(json.dumps(defaults))
     for key in sorted(stored.keys() | mine.keys()):
         if stored.get(key) != mine.get(key):
             raise StudyMismatchError(

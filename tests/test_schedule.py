@@ -63,3 +63,22 @@ def test_every_schedule_ends_exactly_at_end_and_the_config_lists_them_all(schedu
     cfg = LambdaConfig(schedule=schedule, start=0.925, end=0.0, fraction=0.25, steps=3)
     assert [balance(cfg, e, 8) for e in (0, 2, 7)] == [0.925, 0.0, 0.0]
     assert set(get_args(LambdaConfig.model_fields["schedule"].annotation)) == set(REGISTRY)
+
+
+def test_a_table_replays_its_values_per_epoch_and_stretches_over_more_epochs():
+    """What population-based training exports: one lambda per epoch, exactly, and in a longer retraining
+    the knots spread evenly (epochs 0, 2, 4, 6 of 7) with straight lines between them."""
+    from trainer.config import ConfigError, build
+
+    cfg = LambdaConfig(schedule="table", table=[0.9, 0.5, 0.5, 0.2])
+    assert [balance(cfg, e, 4) for e in range(4)] == [0.9, 0.5, 0.5, 0.2]
+    stretched = [balance(cfg, e, 7) for e in range(7)]
+    assert stretched[::2] == [0.9, 0.5, 0.5, 0.2] and stretched == pytest.approx([0.9, 0.7, 0.5, 0.5, 0.5, 0.35, 0.2])
+    assert balance(LambdaConfig(schedule="table", table=[0.3]), 5, 10) == 0.3
+    half = LambdaConfig(schedule="table", table=[1.0, 0.0], fraction=0.5)  # reaches the last knot half-way
+    assert [balance(half, e, 5) for e in range(5)] == [1.0, 0.5, 0.0, 0.0, 0.0]
+    for bad in ({"schedule": "table"}, {"schedule": "linear", "table": [0.5]}):
+        with pytest.raises(ConfigError, match="'lambda.table': the knots of lambda.schedule table, and only of it"):
+            build({"lambda": bad})
+    with pytest.raises(ConfigError, match="lambda.table.0"):
+        build({"lambda": {"schedule": "table", "table": [1.5]}})

@@ -413,6 +413,33 @@ def test_a_study_from_before_identities_is_checked_against_its_trials(tmp_path, 
     assert "created with base.model.width=4, this run has 8" in capsys.readouterr().err
 
 
+def test_a_config_key_added_after_a_study_was_created_compares_at_its_default(tmp_path, capsys):
+    """A study stored before ``lambda.table`` existed lacks that key: it stands at its default there, so
+    the upgrade keeps the study, and only another value is another study."""
+    import json
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    space = str(space_file(tmp_path))
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "1"]) == 0
+
+    def stored(change):
+        with sqlite3.connect(tmp_path / "tiny.db") as db:
+            (raw,) = db.execute("SELECT value_json FROM study_user_attributes WHERE key = 'identity'").fetchone()
+            identity = json.loads(raw)
+            change(identity)
+            db.execute("UPDATE study_user_attributes SET value_json = ? WHERE key = 'identity'",
+                       (json.dumps(identity),))
+
+    stored(lambda identity: identity.pop("base.lambda.table"))  # as the version before lambda.table left it
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "2"]) == 0
+    assert len(trials(url)) == 2
+    capsys.readouterr()
+    stored(lambda identity: identity.update({"base.lambda.table": [0.3]}))  # a stored value is compared as ever
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "3"]) == 2
+    assert "created with base.lambda.table=[0.3], this run has []" in capsys.readouterr().err
+
+
 def test_baseline_only_where_trials_carry_heads_and_ray_runs_it_without_heads(tmp_path):
     from search.ray_backend import DefineByRun
     from search.study import BASELINE, carries_heads, create_study

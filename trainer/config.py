@@ -115,6 +115,7 @@ class LambdaConfig(Section):
     fraction: float = Field(1.0, ge=0, le=1)
     rate: float = Field(5.0, gt=0)
     steps: int = Field(3, ge=1)
+    table: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list)  # schedule table's knots
 
 
 class OptimConfig(Section):
@@ -180,6 +181,9 @@ def build(data: dict[str, Any], source: str = "config") -> Config:
     if cfg.data.cutout and cfg.data.name not in ("cifar10", "cifar100"):
         raise ConfigError(f"{source}: bad value for 'data.cutout': cutout is for cifar10 and cifar100 "
                           f"(got {cfg.data.cutout} with data.name={cfg.data.name})")
+    if (cfg.lambda_.schedule == "table") != bool(cfg.lambda_.table):
+        raise ConfigError(f"{source}: bad value for 'lambda.table': the knots of lambda.schedule table, and only "
+                          f"of it (got {quote(cfg.lambda_.table)} with lambda.schedule={cfg.lambda_.schedule})")
     if cfg.model.kwargs and cfg.model.arch in ARCHS:
         raise ConfigError(f"{source}: bad value for 'model.kwargs': it is for a builder at an import path; "
                           f"{cfg.model.arch} takes model.width and model.stem (got {quote(cfg.model.kwargs)})")

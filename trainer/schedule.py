@@ -5,13 +5,17 @@ lambda moves the loss weight from the shortcut heads to the main output over tra
     loss = (1 - lambda) * CE(main) + lambda * mean_k CE(head_k)
 
 Progress p runs from 0 at the first epoch to 1 at epoch ``fraction * (epochs - 1)``, then stays 1.
-Each schedule is a share f(p) of the way from ``start`` to ``end``, lambda = start (1 - f) + end f:
+The curves are a share f(p) of the way from ``start`` to ``end``, lambda = start (1 - f) + end f:
 
 - constant:     f = 0 (``end`` is ignored)
 - linear:       f = p
 - cosine:       f = (1 - cos(pi * p)) / 2
 - exponential:  f = (1 - exp(-rate * p)) / (1 - exp(-rate))
 - step:         f = floor(p * steps) / steps   (``steps`` equal drops)
+
+and ``table`` is lambda itself, read off ``table``'s knots spread evenly over p and linearly
+interpolated: a table of per-epoch values (what population-based training found) replays exactly over
+as many epochs and stretches over more.
 """
 
 from __future__ import annotations
@@ -33,21 +37,43 @@ def progress(epoch: int, epochs: int, fraction: float) -> float:
     return 1.0 if span <= 0 else min(1.0, epoch / span)
 
 
-# Each schedule's share f(p) of the way from start to end, 0 at p = 0 and 1 at p = 1 (constant: none of it).
-SCHEDULES: dict[str, Callable[[float, LambdaConfig], float]] = {
-    "constant": lambda p, cfg: 0.0,
-    "linear": lambda p, cfg: p,
-    "cosine": lambda p, cfg: (1 - math.cos(math.pi * p)) / 2,
-    "exponential": lambda p, cfg: (1 - math.exp(-cfg.rate * p)) / (1 - math.exp(-cfg.rate)),
-    "step": lambda p, cfg: math.floor(p * cfg.steps) / cfg.steps,
+Schedule = Callable[[float, "LambdaConfig"], float]  # lambda at progress p
+
+
+def _curve(share: Schedule) -> Schedule:
+    """A curve from ``start`` to ``end`` given its share f(p) of the way (0 at p = 0, 1 at p = 1): exactly
+    ``start`` at f = 0 and ``end`` at f = 1, never a rounding error past them (-1e-17 for an end of 0)."""
+
+    def lam(p: float, cfg: LambdaConfig) -> float:
+        f = share(p, cfg)
+        return cfg.start * (1 - f) + cfg.end * f
+
+    return lam
+
+
+def _table(p: float, cfg: LambdaConfig) -> float:
+    """``table``'s knots at p = 0, 1/(n-1), ..., 1, linearly interpolated; exactly a knot's value on it."""
+    knots = cfg.table
+    x = p * (len(knots) - 1)
+    if abs(x - round(x)) < 1e-9:
+        return knots[round(x)]
+    i = int(x)
+    return knots[i] + (knots[i + 1] - knots[i]) * (x - i)
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "constant": _curve(lambda p, cfg: 0.0),
+    "linear": _curve(lambda p, cfg: p),
+    "cosine": _curve(lambda p, cfg: (1 - math.cos(math.pi * p)) / 2),
+    "exponential": _curve(lambda p, cfg: (1 - math.exp(-cfg.rate * p)) / (1 - math.exp(-cfg.rate))),
+    "step": _curve(lambda p, cfg: math.floor(p * cfg.steps) / cfg.steps),
+    "table": _table,
 }
 
 
 def balance(cfg: LambdaConfig, epoch: int, epochs: int) -> float:
-    """lambda for a 0-based ``epoch`` of ``epochs``: exactly ``start`` at f = 0 and ``end`` at f = 1 (never
-    a rounding error past them, such as -1e-17 for an end of 0)."""
-    f = SCHEDULES[cfg.schedule](progress(epoch, epochs, cfg.fraction), cfg)
-    return cfg.start * (1 - f) + cfg.end * f
+    """lambda for a 0-based ``epoch`` of ``epochs``."""
+    return SCHEDULES[cfg.schedule](progress(epoch, epochs, cfg.fraction), cfg)
 
 
 def shortcut_parts(main: Tensor, heads: list[Tensor], target: Tensor, lam: float | Tensor
