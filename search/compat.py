@@ -12,7 +12,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # what fail_stale_trials c
 from optuna.trial import FrozenTrial
 
 __all__ = ["ArtifactStore", "BaseHeartbeat", "Heartbeats", "frozen", "rdb_beating_trial_ids", "rdb_stale_trial_ids",
-           "searcher_done", "searcher_study", "searcher_trial", "stale_trial_ids", "storage", "study_id", "trial_id"]
+           "live_trial", "searcher_done", "searcher_study", "searcher_trial", "stale_trial_ids", "storage", "study_id", "trial_id"]
 
 
 def storage(study: optuna.Study) -> optuna.storages.BaseStorage:
@@ -39,6 +39,11 @@ class Heartbeats(BaseHeartbeat):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         return self.stale_trial_ids(study_id)
+
+
+def live_trial(study: optuna.Study, number: int) -> optuna.Trial:
+    """Trial ``number`` as the object that reports and sets attrs (the storage's id is private)."""
+    return optuna.Trial(study, study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
 
 
 def study_id(study: optuna.Study) -> int:

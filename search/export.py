@@ -22,6 +22,7 @@ from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial
 
 from search import compat
+from search.pbt import table
 from search.storage import artifact_store, default_url, study_dir
 from search.study import load_study, select
 from trainer.checkpoint import MODEL_FILE
@@ -29,7 +30,11 @@ from trainer.errors import Parser, UserError, command
 
 
 def exported(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> dict:
+    """The trial's config and provenance; a PBT member's lambda is the schedule it realised, epoch by
+    epoch (its donors' epochs before each copy included), as ``lambda.schedule: table``."""
     config = dict(trial.user_attrs["config"])
+    if "lineage" in trial.user_attrs:
+        config["lambda"] = {**config["lambda"], "schedule": "table", "fraction": 1.0, "table": table(trial)}
     config["provenance"] = {
         "study": study.study_name,
         "storage": storage_url,

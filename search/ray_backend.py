@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # keep relative data paths working in trials
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each trial's epoch lines are its own, not repeats of another's
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import HyperBandScheduler  # noqa: E402
+from ray.tune.search import BasicVariantGenerator  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
-from search import compat  # noqa: E402
+from search import compat, pbt  # noqa: E402
 from search.budget import claim_worker, is_baseline, remaining  # noqa: E402
 from search.progress import EpochProgress  # noqa: E402
 from search.pruners import make_scheduler  # noqa: E402
@@ -37,8 +39,29 @@ from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
 from search.study import BASELINE, create_study  # noqa: E402
 from search.trial import Outcome, TrialRecord, directories, finish, run_trial, trial_dir  # noqa: E402
-from trainer.checkpoint import STATE_FILE  # noqa: E402
+from trainer.checkpoint import STATE_FILE, load_history  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
+
+
+PBT_KEEP = 4  # checkpoints kept per PBT member
+OWN = ("trial", "directory", "earlier", "resume")  # a Tune trial's Optuna trial, folders, and whether it resumes
+
+
+def _members(config: dict[str, Any]) -> Path:
+    return Path(config["directory"]).parents[1] / "ray" / "members"
+
+
+def _own(config: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """``config`` with Tune trial ``trial_id``'s own ``OWN`` keys. PBT hands a member that copies another
+    the other's whole config, these keys included, so each Tune trial keeps its own in
+    ``<study dir>/ray/members/<Tune trial id>.json`` from its first start (Tune's ids survive restarts
+    and experiment restores); the driver reads the same files."""
+    path = _members(config) / f"{trial_id}.json"
+    if path.exists():
+        return {**config, **json.loads(path.read_text())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: config.get(k) for k in OWN}))
+    return config
 
 
 def _trainable(space: Space):
@@ -49,29 +72,70 @@ def _trainable(space: Space):
     """
 
     def train(config: dict[str, Any]) -> None:
-        directory = Path(config["directory"])
-        checkpoint = tune.get_checkpoint()  # where there is one, it is this trial's resume state
+        if Path(config["cwd"]).is_dir():  # relative paths (data.root) mean what they mean to the driver; Ray's
+            os.chdir(config["cwd"])  # workers start in folders of their own
+        config = _own(config, tune.get_context().get_trial_id())
+        directory, number = Path(config["directory"]), config["trial"]
+        checkpoint = tune.get_checkpoint()  # this trial's resume state, or (PBT) the member it copies
+        resume = bool(checkpoint) or bool(config.get("resume"))  # a PBT member of a dead driver: its last.pt
+        member = pbt.Member.restored(directory, directory, number, 0, {}) if resume else pbt.Member(number)
         if checkpoint:
             directory.mkdir(parents=True, exist_ok=True)
             with checkpoint.as_directory() as saved:
                 shutil.copyfile(Path(saved) / STATE_FILE, directory / STATE_FILE)
+                member = pbt.Member.restored(Path(saved), directory, number, len(load_history(directory)),
+                                             config["values"])
 
         def hook(record: TrialRecord, report: EpochReport, restored: bool) -> None:
-            if restored:  # Tune restored its own count of epochs with the checkpoint
-                return
-            values = dict(zip(space.study.metrics, record.values))
             epochs = record.attrs["config"]["optim"]["epochs"]
+            if restored and report.epoch + 1 < epochs:  # Tune restored its own count of epochs with the
+                return  # checkpoint; a state that holds every epoch (a PBT copy at the end) reports its last
+            if space.study.sampler in pbt.SAMPLERS:
+                record.attrs.update(member.attrs(record.history))
+                member.save(directory)
+            values = dict(zip(space.study.metrics, record.values))
             # nested attrs travel as JSON strings: Tune would flatten dicts and its loggers reject lists
             tune.report({**values, "epochs_run": report.epoch + 1, "epochs_total": epochs,
                          "attrs": json.dumps(record.attrs)}, checkpoint=tune.Checkpoint.from_directory(directory))
 
-        outcome = run_trial(space, config["trial"], config["values"], directory,
-                            [Path(p) for p in config["earlier"]], hook, EpochProgress(), keep_own=bool(checkpoint))
+        outcome = run_trial(space, number, config["values"], directory,
+                            [Path(p) for p in config["earlier"]], hook, EpochProgress(), keep_own=resume)
         if outcome.fail_reason:
             tune.report({m: float("nan") for m in space.study.metrics}
-                        | {"attrs": json.dumps({**outcome.attrs, "fail_reason": outcome.fail_reason})})
+                        | {"epochs_run": outcome.attrs.get("epochs_run", 0),
+                           "attrs": json.dumps({**outcome.attrs, "fail_reason": outcome.fail_reason})})
 
     return train
+
+
+class Ending:
+    """What a Tune trial's results say when it ends, as the Optuna loop's runner would have returned it;
+    shared by the searcher (every sampler but PBT) and the PBT members' callback."""
+
+    def __init__(self, metric: str | list[str]) -> None:
+        self.metric = metric
+        self.last: dict[str, dict] = {}  # Tune may complete a trial it stopped with result=None
+        self.starts: dict[str, list[int]] = {}  # each (re)start of a Tune trial, across pauses
+
+    def seen(self, trial_id: str, result: dict) -> None:
+        self.last[trial_id] = result
+        start = json.loads(result.get("attrs", "{}")).get("starts", [None])[-1]
+        if start is not None and result.get("epochs_run") == start + 1:  # the first epoch of a (re)start
+            self.starts.setdefault(trial_id, []).append(start)
+
+    def outcome(self, trial_id: str, result: dict | None, error: bool) -> Outcome:
+        result = result or self.last.pop(trial_id, {})
+        attrs = json.loads(result.get("attrs", "{}"))
+        if trial_id in self.starts:
+            attrs["starts"] = self.starts.pop(trial_id)
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(m, math.nan) for m in metrics]
+        if error or "fail_reason" in attrs:
+            reason = attrs.pop("fail_reason", "the Ray trial raised an error (see its Ray log)")
+            return Outcome(TrialState.FAIL, values, attrs, reason)
+        if result.get("epochs_run", 0) < result.get("epochs_total", 0):
+            return Outcome(TrialState.PRUNED, values, {**attrs, "truncated": True})
+        return Outcome(TrialState.COMPLETE, values, attrs)
 
 
 class StudySearch(OptunaSearch):
@@ -81,14 +145,10 @@ class StudySearch(OptunaSearch):
     def __init__(self, *args: Any, root: Path, artifacts: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.root, self.artifacts = root, artifacts
-        self.last: dict[str, dict] = {}  # Tune may complete a trial it stopped with result=None
-        self.starts: dict[str, list[int]] = {}  # each (re)start of a Tune trial, across pauses
+        self.ending = Ending(self.metric)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.last[trial_id] = result
-        start = json.loads(result.get("attrs", "{}")).get("starts", [None])[-1]
-        if start is not None and result.get("epochs_run") == start + 1:  # the first epoch of a (re)start
-            self.starts.setdefault(trial_id, []).append(start)
+        self.ending.seen(trial_id, result)
         super().on_trial_result(trial_id, result)
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -99,30 +159,51 @@ class StudySearch(OptunaSearch):
         ot_trial.set_user_attr("backend", "ray")
         directory, earlier = directories(self.root, compat.frozen(compat.searcher_study(self), ot_trial))
         return {**params, "trial": ot_trial.number, "directory": str(directory.resolve()),
-                "earlier": [str(p.resolve()) for p in earlier]}
-
-    def outcome(self, trial_id: str, result: dict, error: bool) -> Outcome:
-        """What the Tune trial's last result says, as the Optuna loop's runner would have returned it."""
-        attrs = json.loads(result.get("attrs", "{}"))
-        if trial_id in self.starts:
-            attrs["starts"] = self.starts.pop(trial_id)
-        values = [result.get(m, math.nan) for m in self.metric] if isinstance(self.metric, list) else \
-            [result.get(self.metric, math.nan)]
-        if error or "fail_reason" in attrs:
-            reason = attrs.pop("fail_reason", "the Ray trial raised an error (see its Ray log)")
-            return Outcome(TrialState.FAIL, values, attrs, reason)
-        if result.get("epochs_run", 0) < result.get("epochs_total", 0):
-            return Outcome(TrialState.PRUNED, values, {**attrs, "truncated": True})
-        return Outcome(TrialState.COMPLETE, values, attrs)
+                "earlier": [str(p.resolve()) for p in earlier], "cwd": os.getcwd()}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = compat.searcher_trial(self, trial_id)
         if ot_trial is None or compat.searcher_done(self, trial_id):
             return super().on_trial_complete(trial_id, result, error)
-        outcome = self.outcome(trial_id, result or self.last.pop(trial_id, {}), error)
+        outcome = self.ending.outcome(trial_id, result, error)
         finish(compat.searcher_study(self), ot_trial, outcome, trial_dir(self.root, ot_trial.number), self.artifacts)
         compat.searcher_done(self, trial_id, done=True)
         return None
+
+
+class Members(tune.Callback):
+    """PBT's members in the study (Tune runs PBT without a searcher): each result is an intermediate
+    value of the member's Optuna trial, and each member ends through ``search.trial.finish``."""
+
+    def __init__(self, study: optuna.Study, root: Path, artifacts: Any, metric: str) -> None:
+        self.study, self.root, self.artifacts, self.metric = study, root, artifacts, metric
+        self.ending = Ending(metric)
+
+    def number(self, trial: Any) -> int:
+        return _own(trial.config, trial.trial_id)["trial"]
+
+    def trial(self, trial: Any) -> optuna.Trial:
+        return compat.live_trial(self.study, self.number(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.ending.seen(trial.trial_id, result)
+        if isinstance(result.get(self.metric), float) and "epochs_run" in result:
+            with warnings.catch_warnings():  # after a copy, a member may report an epoch it reported before
+                warnings.simplefilter("ignore")
+                self.trial(trial).report(result[self.metric], result["epochs_run"])
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.end(trial, trial.last_result, False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.end(trial, trial.last_result, True)
+
+    def end(self, trial: Any, result: dict | None, error: bool) -> None:
+        number = self.number(trial)
+        if self.study.trials[number].state.is_finished():  # a restored experiment ends a trial once
+            return
+        finish(self.study, self.trial(trial), self.ending.outcome(trial.trial_id, result, error),
+               trial_dir(self.root, number), self.artifacts)
 
 
 class DefineByRun:
@@ -164,53 +245,94 @@ def requeue_orphans(study: optuna.Study, max_retry: int) -> list[int]:
 def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,
         address: str | None = None, cpus_per_trial: float = 1, gpus_per_trial: float = 0,
         max_concurrent: int = 2, root: Path | None = None) -> optuna.Study:
-    """Top the study up to ``study.n_trials`` trials with Ray Tune (budget as in ``search/budget.py``)."""
+    """Top the study up to ``study.n_trials`` trials with Ray Tune (budget as in ``search/budget.py``), or
+    with ``study.sampler: pbt`` train one population of ``study.population`` members."""
     root = root or study_dir(url, space.study.name)
     study = create_study(space, storage, root)
-    n_trials = space.study.n_trials
-    orphans = requeue_orphans(study, space.study.max_retry)
+    s, pbt_run = space.study, space.study.sampler in pbt.SAMPLERS
+    experiment = (root / "ray" / s.name).resolve()
+    # a population's members left RUNNING by a dead driver go on from their own last.pt (Tune's experiment
+    # restore may point at a checkpoint it deleted just before the driver died); other trials are queued again
+    survivors = pbt.survivors(study, root) if pbt_run else []
+    if survivors:
+        print(f"study {s.name!r}: the population's driver died; members {[m['trial'] for m in survivors]} go on "
+              f"from their last checkpoints", flush=True)
+    orphans = [] if pbt_run else requeue_orphans(study, s.max_retry)
     if orphans:
         print(f"trials {orphans} were left RUNNING by an earlier Ray driver: failed, and queued again", flush=True)
-    more = remaining(study.get_trials(deepcopy=False), n_trials)
+    more = remaining(study.get_trials(deepcopy=False), s.population if pbt_run else s.n_trials) + len(survivors)
     if more <= 0:
-        print(f"study {space.study.name!r} already has {n_trials} trials", flush=True)
+        print(f"study {s.name!r} already has {s.population if pbt_run else s.n_trials} trials", flush=True)
         return study
-    ray.init(address=address, include_dashboard=False, configure_logging=False,
-             **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
+    _init(address)  # before the Tuner: it reads the cluster's resources
+    epochs = space.config({}).optim.epochs
+    single = len(s.metrics) == 1
+    mode = ("max" if s.directions[0] == "maximize" else "min") if single else None
+    artifacts = artifact_store(study.user_attrs["artifacts"])
+    if pbt_run:
+        study.sampler = make_sampler(space, claim_worker(study, storage, url))
+        members = survivors + [pbt.tune_config(t.number, values, root) for t, values in
+                               pbt.draw(study, space, more - len(survivors))]
+        shutil.rmtree(experiment, ignore_errors=True)  # a dead driver's Tune state: the members carry on without it
+        search_alg, scheduler = BasicVariantGenerator(points_to_evaluate=members), pbt.scheduler(space)
+        # Tune takes the members' keys from here; each may take each member's value (else Tune warns)
+        param_space = {k: tune.choice([m[k] for m in members]) for k in members[0] if k != "values"}
+        param_space["values"] = {k: tune.choice([m["values"][k] for m in members]) for k in members[0]["values"]}
+        callbacks = [Members(study, root, artifacts, s.metrics[0])]
+        concurrent = None  # PBT compares members as they go: all of them train at once
+        what = (f"a population of {more} on Ray ({s.sampler.upper()} every {s.perturbation_interval} epochs, "
+                f"{', '.join(p.key for p in space.params)})")
+    else:
+        search_alg, callbacks, param_space = _searcher(space, storage, url, study, root), [], None
+        scheduler = make_scheduler(space) if single else None
+        # HyperBand pauses trials until its bracket fills; paused trials count against a concurrency
+        # limit, which then starves the bracket for ever: there, resources alone bound parallelism
+        concurrent = None if isinstance(scheduler, HyperBandScheduler) else max_concurrent
+        what = (f"{more} more trials on Ray ({s.sampler}, scheduler for pruner {s.pruner}, "
+                f"{max_concurrent} at a time)")
 
     class Report(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             r = trial.last_result or {}
-            values = ", ".join(f"{m}={r[m]:.4g}" for m in space.study.metrics if isinstance(r.get(m), float))
+            values = ", ".join(f"{m}={r[m]:.4g}" for m in s.metrics if isinstance(r.get(m), float))
             params = ", ".join(f"{k}={v}" for k, v in trial.config["values"].items())
-            print(f"ray trial {trial.config['trial']} done after {r.get('epochs_run', 0)}/{epochs} epochs: "
+            print(f"ray trial {_own(trial.config, trial.trial_id)['trial']} done after {r.get('epochs_run', 0)}/{epochs} epochs: "
                   f"{values} | {params}", flush=True)
 
-    epochs = space.config({}).optim.epochs
-    single = len(space.study.metrics) == 1
-    scheduler = make_scheduler(space) if single else None
     tuner = tune.Tuner(
-        tune.with_resources(_trainable(space), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
-        tune_config=tune.TuneConfig(
-            search_alg=_searcher(space, storage, url, study, root),
-            scheduler=scheduler,
-            metric=space.study.metrics[0] if single else None,
-            mode=("max" if space.study.directions[0] == "maximize" else "min") if single else None,
-            num_samples=more,
-            # HyperBand pauses trials until its bracket fills; paused trials count against a concurrency
-            # limit, which then starves the bracket for ever: there, resources alone bound parallelism
-            max_concurrent_trials=None if isinstance(scheduler, HyperBandScheduler) else max_concurrent,
-            time_budget_s=timeout,
-        ),
+        _with_resources(space, cpus_per_trial, gpus_per_trial),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, metric=s.metrics[0] if single else None,
+                                    mode=mode, num_samples=more, max_concurrent_trials=concurrent,
+                                    time_budget_s=timeout, reuse_actors=pbt_run),  # a copy: no new process
         run_config=tune.RunConfig(
-            name=space.study.name, storage_path=str((root / "ray").resolve()),
-            verbose=0, callbacks=[Report()],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=space.study.max_retry),  # restarts resume
+            name=s.name, storage_path=str(experiment.parent), verbose=0, callbacks=[Report(), *callbacks],
+            # a member's last epoch ends it: PBT would otherwise copy another member's last epoch into it
+            stop={"epochs_run": epochs} if pbt_run else None,
+            # PBT copies a member's checkpoint of its last result, which may be epochs behind its newest
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_KEEP if pbt_run else 1),
+            failure_config=tune.FailureConfig(max_failures=s.max_retry),  # restarts resume
         ),
     )
-    print(f"study {space.study.name!r}: {more} more trials on Ray ({space.study.sampler}, "
-          f"scheduler for pruner {space.study.pruner}, {max_concurrent} at a time)", flush=True)
+    print(f"study {s.name!r}: {what}", flush=True)
+    return _fit(tuner, study)
+
+
+def _with_resources(space: Space, cpus: float, gpus: float) -> Any:
+    return tune.with_resources(_trainable(space), {"cpu": cpus, "gpu": gpus})
+
+
+def _init(address: str | None) -> None:
+    """Ray on this machine, or the cluster at ``address``; the trials' processes there get this driver's
+    setting of ``RAY_CHDIR_TO_TRIAL_DIR`` (a node started by ``ray start`` knows nothing of it)."""
+    if not ray.is_initialized():
+        chdir = {"RAY_CHDIR_TO_TRIAL_DIR": os.environ["RAY_CHDIR_TO_TRIAL_DIR"]}
+        # without --address a Ray of its own, even where `ray start` left one running: "local"
+        ray.init(address=address or "local", include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": chdir}, **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
+
+
+def _fit(tuner: tune.Tuner, study: optuna.Study) -> optuna.Study:
     try:
         tuner.fit()
     finally:

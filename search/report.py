@@ -66,6 +66,23 @@ def _learning_curves(top: list[FrozenTrial], reference: FrozenTrial | None, metr
                             dtick=0.2, showgrid=False, secondary_y=True)
 
 
+def _population(members: list[FrozenTrial]) -> go.Figure:
+    fig = go.Figure()
+    for i, t in enumerate(members):
+        colour = DEFAULT_PLOTLY_COLORS[i % len(DEFAULT_PLOTLY_COLORS)]
+        lambdas = t.user_attrs["lambda_trajectory"]
+        fig.add_trace(go.Scatter(x=list(range(1, len(lambdas) + 1)), y=lambdas, mode="lines", line={"color": colour},
+                                 name=f"member {t.number}"))
+        copies = [e for e in t.user_attrs["copies"] if e["epoch"] < len(lambdas)]
+        fig.add_trace(go.Scatter(x=[e["epoch"] + 1 for e in copies],
+                                 y=[e["values"].get("lambda.start", lambdas[e["epoch"]]) for e in copies],
+                                 mode="markers", marker={"color": colour, "symbol": "x", "size": 10},
+                                 text=[f"copied member {e['donor']} after epoch {e['epoch']}" for e in copies],
+                                 name=f"member {t.number} copies", showlegend=False))
+    return fig.update_layout(xaxis_title="epoch", yaxis_title="lambda (weight of the heads' loss)",
+                             yaxis_range=[0, 1.05])
+
+
 def _first_flow(trial: FrozenTrial) -> dict[str, float]:
     flow = trial.user_attrs.get("grad_flow") or {}
     return dict(zip(flow.get("layers", []), (flow.get("mean") or [[]])[0]))
@@ -169,6 +186,13 @@ def sections(study: optuna.Study) -> list[Section]:
                        "trial's first steps, the part that came from the heads' loss (the rest came from the main "
                        "output's).", share, dashboard=True) if share else
                Section("The heads' share of the gradient", "The best trial trained without heads."))
+    members = [t for t in study.get_trials(deepcopy=False) if "copies" in t.user_attrs]
+    if members:
+        copies = sum(len(t.user_attrs["copies"]) for t in members)
+        out.append(Section("Population: lambda over epochs", f"The lambda each member of the population trained "
+                           f"under, epoch by epoch (a copied member's earlier epochs are its donor's); an x marks "
+                           f"where it copied a better member's weights and perturbed its values ({copies} copies).",
+                           _population(members), dashboard=True))
     timesteps = {t.user_attrs["config"]["data"]["timesteps"] for t in full}
     if len(timesteps) > 1:
         out.append(Section(f"{metrics[0]} vs. timesteps", f"Each dot is a full-length trial's {metrics[0]} at the "

@@ -62,6 +62,9 @@ SAMPLERS: dict[str, Callable[[Any, int | None], BaseSampler]] = {
     "nsga2": lambda space, seed: optuna.samplers.NSGAIISampler(
         seed=seed, population_size=population(space.study.n_trials)),
     "grid": lambda space, seed: Grid(grid(space.params), seed=seed),
+    # population-based training (search/pbt.py, Ray): the first population, drawn at random
+    "pbt": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),
+    "pb2": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),  # PBT, new values from a GP bandit
 }
 
 

@@ -213,6 +213,21 @@ class Study(_Model):
     artifacts: _Text = None  # folder of the artifact store, or s3://bucket, gs://bucket; null: <study dir>/artifacts
     checkpoint_every: Annotated[int, _count(0)] = 0  # epochs between uploads of last.pt to the artifacts; 0: never
     baseline: _Bool = True  # run the base config without heads once, to measure what the heads gained
+    population: Annotated[int, _count(2)] = 4  # sampler pbt, pb2: members trained at once (the study's trials)
+    perturbation_interval: Annotated[int, _count(1)] = 2  # sampler pbt, pb2: epochs between copies
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pbt_schedules(cls, data: Any) -> Any:
+        """PBT is its own scheduler: with sampler pbt the pruner defaults to none, and nothing else goes."""
+        if isinstance(data, dict) and data.get("sampler") in ("pbt", "pb2"):
+            if data.setdefault("pruner", "none") != "none":
+                raise _bad("population-based training stops no member (allowed with sampler pbt or pb2: none)",
+                           at="pruner")
+            if data.setdefault("baseline", False) is not False:
+                raise _bad("a population has no baseline trial (allowed with sampler pbt or pb2: false)",
+                           at="baseline")
+        return data
 
     @field_validator("directions", mode="plain")
     @classmethod

@@ -112,8 +112,11 @@ def _adopt(directory: Path, earlier: list[Path]) -> None:
         (old / MODEL_FILE).unlink(missing_ok=True)
 
 
+LINEAGE_FILE = "lineage.json"  # a PBT member's copies (search/pbt.py), saved with each Ray checkpoint
+
+
 def drop_checkpoints(directory: Path) -> None:
-    for name in (STATE_FILE, MODEL_FILE):
+    for name in (STATE_FILE, MODEL_FILE, LINEAGE_FILE):
         (directory / name).unlink(missing_ok=True)
 
 
@@ -221,6 +224,7 @@ def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, directory
     if outcome.state == TrialState.COMPLETE:
         keep_artifacts(artifacts, trial, directory)
         (directory / STATE_FILE).unlink(missing_ok=True)
+        (directory / LINEAGE_FILE).unlink(missing_ok=True)
         return study.tell(trial, outcome.values)
     if not outcome.requeue:
         drop_checkpoints(directory)

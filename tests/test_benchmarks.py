@@ -109,19 +109,26 @@ def test_train_memory_grows_with_timesteps(tmp_path: Path) -> None:
     assert peaks[0] < peaks[1] < peaks[2], rows  # activations are kept for every timestep
 
 
-def test_search_efficiency_compares_both_searches(tmp_path: Path) -> None:
-    (searches, ranks), rec = bench(tmp_path, "search_efficiency.py",
-                                   *"--trials 3 --set optim.epochs=4 --set data.limit=64".split())
+def test_search_efficiency_compares_random_tpe_and_a_pbt_population(tmp_path: Path) -> None:
+    (searches, final, ranks), rec = bench(tmp_path, "search_efficiency.py", *(
+        "--trials 3 --set optim.epochs=4 --set data.limit=64 --pbt --final-epochs 1".split()))
     overrides = ["optim.epochs=4", "data.limit=64"]
-    assert rec["args"].items() >= {"trials": 3, "seeds": [0], "overrides": overrides}.items()
-    assert [r[1] for r in searches] == ["random, no pruning", "TPE + Hyperband"]
-    rand, tpe = searches
+    assert rec["args"].items() >= {"trials": 3, "seeds": [0], "overrides": overrides, "pbt": True,
+                                   "final_epochs": 1}.items()
+    assert [r[1] for r in searches] == ["random, no pruning", "TPE + Hyperband", "PBT, population 4"]
+    rand, tpe, pop = searches
     assert type(rand[3]) is int and rand[3] == 3 * 4  # random search runs every trial to the end
     assert type(tpe[3]) is int and 0 < tpe[3] <= 3 * 4
-    assert len(rand) == 6  # nothing to reach: random search's best is the target
-    reach = tpe[6]
-    assert reach is None or (0 < reach["epochs"] <= reach["of"] == rand[3]
-                             and reach["fraction"] == reach["epochs"] / reach["of"]), tpe
+    assert pop[3] == 4 * 4  # four members side by side, every epoch
+    assert len(rand) == 6 and len(tpe) == 7  # nothing to reach: random search's best is the target; TPE's own
+    for row, of in ((tpe, rand[3]), (pop, rand[3])):
+        reach = row[6]
+        assert reach is None or (0 < reach["epochs"] <= reach["of"] == of and
+                                 reach["fraction"] == reach["epochs"] / reach["of"]), row
+    assert pop[7] is None or pop[7]["of"] == tpe[3]
+    assert [r[1] for r in final] == ["random, no pruning", "TPE + Hyperband", "PBT"]
+    assert all(0 <= r[3] <= 1 for r in final) and [r[2] for r in final] == [rand[2], tpe[2], pop[2]]
+    assert final[2][4] == 1  # synchronous PBT every 2 epochs: the worst of 4 copies a better member at epoch 2
     (rhos,) = ranks  # seed 0, then Spearman's rho after 1, 2 and 3 of the 4 epochs
     assert rhos[0] == 0 and len(rhos) == 1 + 3 and all(isinstance(rho, float) for rho in rhos[1:])
 

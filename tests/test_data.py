@@ -58,13 +58,18 @@ def _write_idx(path, array: np.ndarray, magic: int):
         f.write(array.astype(np.uint8).tobytes())
 
 
-def test_mnist_reads_idx_files(tmp_path):
-    raw = tmp_path / "MNIST" / "raw"
+def write_mnist(root, train: int, test: int) -> None:
+    """MNIST's four idx files under ``root/MNIST/raw``, random images, labels 0-9 in turn."""
+    raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 50), ("t10k", 20)):
+    for prefix, n in (("train", train), ("t10k", test)):
         _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 0x803)
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10, 0x801)
+
+
+def test_mnist_reads_idx_files(tmp_path):
+    write_mnist(tmp_path, train=50, test=20)
     data = load_data(DataConfig(name="mnist", root=str(tmp_path), batch_size=8), CPU)
     assert (len(data.train.x), len(data.val.x), len(data.test.x)) == (40, 10, 20)
     assert data.train.x.shape[1:] == (1, 28, 28) and data.train.x.dtype == torch.uint8  # on the device as bytes

@@ -262,41 +262,46 @@ def _maybe_trials(url):
 
 
 def _node_of(pid, nodes):
-    """The cluster node a process runs under: its own or an ancestor's command line (the raylet's, or the
-    worker's) names the node's id."""
+    """The cluster node a process runs under (its own or an ancestor's command line, the raylet's or the
+    worker's, names the node's id), or None for a process of another Ray."""
     import psutil
 
     chain = [psutil.Process(pid), *psutil.Process(pid).parents()]
     named = " ".join(" ".join(p.cmdline()) for p in chain)
-    (node,) = [n for n in nodes if f"--node_id={n.node_id}" in named or f"--node-id={n.node_id}" in named]
-    return node
+    return next((n for n in nodes if f"--node_id={n.node_id}" in named or f"--node-id={n.node_id}" in named), None)
 
 
 def test_a_ray_trial_continues_on_another_node_when_its_node_is_removed(tmp_path):
     """A Ray cluster on this machine the way Ray's own tests build one (ray.cluster_utils.Cluster: a head
     without CPUs, two worker nodes of one CPU): the search joins it with --address; the node the first
     trial runs on is removed mid-trial; Tune restarts that trial on the other node from its last
-    checkpoint, and the study ends with exactly n trials."""
+    checkpoint, and the study ends with exactly n trials. The data is MNIST at the relative default
+    data.root, as a real cluster's would be: the nodes, started without this project's environment, must
+    not move the trials into Tune's folders."""
     from ray.cluster_utils import Cluster
 
+    from test_data import write_mnist
     from trainer.checkpoint import load_history
 
+    write_mnist(tmp_path / "data", train=160, test=20)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
         url = f"sqlite:///{tmp_path}/ray.db"
         space = tmp_path / "space.yaml"
-        space.write_text(SPACE.format(epochs=6, study="").replace("limit: 48", "limit: 256"))
-        proc = worker(space, url, 2, "--backend", "ray", "--address", cluster.address, "--max-concurrent", "1")
+        space.write_text(SPACE.format(epochs=6, study="").replace("limit: 48", "name: mnist, limit: 128"))
+        cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--space", str(space), "--storage", url, "--n-trials",
+               "2", "--backend", "ray", "--address", cluster.address, "--max-concurrent", "1"]
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         trial_dir, deadline = tmp_path / "shared" / "trials" / "0", time.time() + 300
         try:
             while len(load_history(trial_dir) if (trial_dir / "last.pt").exists() else []) < 2:
                 assert time.time() < deadline and proc.poll() is None
                 time.sleep(0.1)
-            (actor,) = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True,
-                                      text=True).stdout.split()
-            cluster.remove_node(_node_of(int(actor), nodes), allow_graceful=False)
+            actors = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout
+            (node,) = {n for pid in actors.split() if (n := _node_of(int(pid), nodes))}  # one trial at a time
+            cluster.remove_node(node, allow_graceful=False)
         finally:
             out = communicate(proc)
     finally:

@@ -329,3 +329,25 @@ def test_fit_with_the_compiled_step_trains_like_eager_and_still_measures_gradien
         assert a.metrics["train_loss"] == pytest.approx(b.metrics["train_loss"], rel=2e-2)
         assert len(a.grad_flow) == 19 and a.grad_stats
     assert set(compiled.history[0].flow_split) == {"main", "heads"}
+
+
+def test_a_resumed_state_trains_under_the_configs_optimizer_values(tmp_path):
+    """Population-based training resumes a copied member under perturbed values: the restored optimizer
+    takes the config's lr (where the cosine schedule left it), weight decay and momentum, not those saved
+    with it (Ray issue #62173); resumed under the same values, it is the saved optimizer bit for bit."""
+    base = SMALL + ["optim.name=sgd", "optim.lr=0.1", "optim.epochs=4", f"run.out_dir={tmp_path}"]
+    fit(load(None, base), lambda report: report.epoch == 1, test=False)  # stops after 2 of 4 epochs
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]
+
+    same = Training.set_up(load(None, base + ["run.resume=true"]))
+    assert same.resume()[1] == 2
+    assert same.optimizer.param_groups[0]["lr"] == saved["lr"] == 0.1 * (1 + math.cos(math.pi * 2 / 4)) / 2
+
+    other = Training.set_up(load(None, base + ["run.resume=true", "optim.lr=0.03", "optim.momentum=0.5",
+                                               "optim.weight_decay=0.002"]))
+    assert other.resume()[1] == 2
+    group = other.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(0.03 * (1 + math.cos(math.pi * 2 / 4)) / 2, rel=1e-12)
+    assert (group["momentum"], group["weight_decay"], group["initial_lr"]) == (0.5, 0.002, 0.03)
+    other.scheduler.step()  # the schedule goes on from the new base
+    assert other.optimizer.param_groups[0]["lr"] == pytest.approx(0.03 * (1 + math.cos(math.pi * 3 / 4)) / 2)

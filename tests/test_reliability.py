@@ -127,7 +127,9 @@ def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_p
     """Ctrl-C reaches the terminal's process group; a preemption's SIGTERM reaches the parent alone, which
     passes it to its workers (each in its own session) and waits for them."""
     url = f"sqlite:///{tmp_path}/d.db"
-    space = space_file(tmp_path, epochs=8, data=", limit: 128")  # epochs enough that both still run at the signal
+    # epochs long enough that both still run at the signal: after a slow first epoch the rest are fast, and
+    # at 128 images the window in which both had finished one closed within 2 s of the test's polls
+    space = space_file(tmp_path, epochs=8, data=", limit: 256")
     parent = subprocess.Popen(command(space, url, 3, "--workers", "2"), cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

@@ -214,8 +214,23 @@ class Training:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.reapply()
         restore_rng(state, self.device)
         return [EpochReport(**r) for r in state["history"]], state["epoch"] + 1
+
+    def reapply(self) -> None:
+        """The config's lr, weight decay and momentum over a restored optimizer, whose state carries the
+        values it was saved with: population-based training resumes a copied member under perturbed values
+        (Ray issue #62173). The cosine schedule to 0 scales with its base lr; unchanged values stay bit for bit."""
+        optim = self.cfg.optim
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            if optim.lr != base:
+                group["lr"] *= optim.lr / base
+            group["initial_lr"] = optim.lr
+            group["weight_decay"] = optim.weight_decay
+            if "momentum" in group:
+                group["momentum"] = optim.momentum
+        self.scheduler.base_lrs = [optim.lr] * len(self.optimizer.param_groups)
 
     def sampled(self, epoch: int, step: int, lam: float, heads: bool) -> tuple[bool, bool]:
         """Whether a step measures gradient flow, and whether it also splits it by loss part. Flow needs

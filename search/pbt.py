@@ -1,0 +1,169 @@
+"""Population-based training (``study.sampler: pbt``, on Ray): the lambda schedule found while training.
+
+``study.population`` members train at once, each an Optuna trial of the study. Every
+``study.perturbation_interval`` epochs Ray Tune's ``PopulationBasedTraining`` has the worst quarter copy
+the best quarter's last checkpoint (weights, optimizer, epoch) and perturb the searched values (x0.8 or
+x1.2, or drawn again), so the lambda each member trains under is itself a schedule, found while
+training (Jaderberg et al. 2017). Export writes the best member's as ``lambda.schedule: table``.
+
+Only values that can change mid-training are searched (``MUTABLE``): heads, timesteps or the
+architecture would change the network a copied checkpoint belongs to. Tune refuses a search algorithm
+with PBT, so the study's Optuna sampler draws the first population, which Tune's default generator runs
+as ``points_to_evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.space import Categorical, Float, Int, Param, Space, SpaceError, suggest
+from search.trial import LINEAGE_FILE, trial_dir
+
+MUTABLE = ("lambda.start", "optim.lr", "optim.weight_decay", "optim.momentum")
+SAMPLERS = ("pbt", "pb2")  # pb2: PBT whose new values come from a Gaussian-process bandit (Parker-Holder et al. 2020)
+
+
+def check(space: Space) -> None:
+    """Refuse a PBT space that searches what cannot change mid-training, in one line naming the keys."""
+    sampler = space.study.sampler
+    if sampler not in SAMPLERS:
+        return
+    kinds = Float | Int if sampler == "pb2" else Float | Int | Categorical  # PB2 models numbers in ranges
+    fixed = [p.key for p in space.params if p.key not in MUTABLE or p.when or not isinstance(p, kinds)]
+    if fixed:
+        raise SpaceError(f"{space.path}: 'space': study.sampler {sampler} changes values mid-training, and "
+                         f"{', '.join(fixed)} would change the network or cannot be perturbed (allowed: "
+                         f"{', '.join(MUTABLE)}, {'float or int' if sampler == 'pb2' else 'any type'}, without "
+                         f"'when'; search the others with tpe)")
+
+
+class Resample:
+    """A numeric parameter drawn again (PBT's resampling; a class, so Tune can pickle it)."""
+
+    def __init__(self, low: float, high: float, log: bool, integer: bool) -> None:
+        self.low, self.high, self.log, self.integer = low, high, log, integer
+
+    def __call__(self) -> float | int:
+        if self.log:
+            value = math.exp(random.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = random.uniform(self.low, self.high)
+        return round(value) if self.integer else value
+
+
+def mutations(params: list[Param]) -> dict[str, Any]:
+    """PBT's ``hyperparam_mutations``: choices shift to a neighbour, numbers are scaled or drawn again."""
+    return {"values": {p.key: list(p.choices) if isinstance(p, Categorical)
+                       else Resample(p.low, p.high, p.log, isinstance(p, Int)) for p in params}}
+
+
+class Clip:
+    """PBT's ``custom_explore_fn``: a perturbed number back into its range and onto its step (x1.2 of a
+    lambda of 0.9 would be 1.08)."""
+
+    def __init__(self, params: list[Param]) -> None:
+        self.params = [p for p in params if isinstance(p, Float | Int)]
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        values = config["values"]
+        for p in self.params:
+            value = min(max(values[p.key], p.low), p.high)
+            if p.step:
+                value = p.low + round((value - p.low) / p.step) * p.step
+            values[p.key] = round(value) if isinstance(p, Int) else value
+        return config
+
+
+def scheduler(space: Space) -> Any:
+    """Synchronous PBT (or PB2): at each perturbation the members wait for each other, so which member
+    copies which does not depend on who reported first."""
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
+
+    if space.study.sampler == "pb2":
+        return PB2(time_attr="epochs_run", perturbation_interval=space.study.perturbation_interval,
+                   hyperparam_bounds={"values": {p.key: [p.low, p.high] for p in space.params}},
+                   custom_explore_fn=Clip(space.params), quantile_fraction=0.25, synch=True)
+    # epochs, not Tune's count of results: a member a new driver resumes after epoch 3 is at epoch 3
+    return PopulationBasedTraining(time_attr="epochs_run",
+                                   perturbation_interval=space.study.perturbation_interval,
+                                   hyperparam_mutations=mutations(space.params), custom_explore_fn=Clip(space.params),
+                                   quantile_fraction=0.25, resample_probability=0.25, synch=True)
+
+
+def draw(study: optuna.Study, space: Space, size: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:
+    """The first population: ``size`` trials asked of the study (its sampler, the worker's seed stream)."""
+    members = []
+    for _ in range(size):
+        with warnings.catch_warnings():  # Tune, not heartbeats, tracks whether Ray trials are alive
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
+        trial.set_user_attr("backend", "ray")
+        members.append((trial, suggest(trial, space.params)))
+    return members
+
+
+def tune_config(number: int, values: dict[str, Any], root: Path, resume: bool = False) -> dict[str, Any]:
+    """A member's Tune config: its Optuna trial, values and folder; ``resume``: go on from its last.pt."""
+    return {"trial": number, "values": values, "directory": str(trial_dir(root, number).resolve()), "earlier": [],
+            "resume": resume, "cwd": os.getcwd()}
+
+
+def survivors(study: optuna.Study, root: Path) -> list[dict[str, Any]]:
+    """The members a dead driver left RUNNING, to go on from their last.pt with the values they last had
+    (their params, or those of their last copy)."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        copies = Member.restored(trial_dir(root, t.number), trial_dir(root, t.number), t.number, 0, {}).copies
+        out.append(tune_config(t.number, copies[-1]["values"] if copies else t.params, root, resume=True))
+    return out
+
+
+@dataclass
+class Member:
+    """A member's copies, each ``{trial, epoch, donor, values}``: member ``trial`` copied ``donor`` after
+    ``epoch`` epochs and went on with ``values``. Saved beside its last.pt after every epoch
+    (``lineage.json``), so they travel with its Tune checkpoints."""
+
+    trial: int
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # the copies that made its weights, oldest first
+    copies: list[dict[str, Any]] = field(default_factory=list)  # every copy it made, replaced weights' too
+
+    @classmethod
+    def restored(cls, saved: Path, own: Path, trial: int, epochs: int, values: dict[str, Any]) -> Member:
+        """Member ``trial`` (its folder ``own``) as it (re)starts from the checkpoint ``saved``: its own (a
+        restart), or another member's, which PBT copied after ``epochs`` epochs and perturbed to
+        ``values``: then that member's lineage, which made the epochs inherited, comes first."""
+        state, mine = _read(saved / LINEAGE_FILE), _read(own / LINEAGE_FILE)
+        made = mine["copies"] if mine and mine["trial"] == trial else []
+        if state is None or state["trial"] == trial:
+            return cls(trial, state["lineage"] if state else [], made)
+        copy = {"trial": trial, "epoch": epochs, "donor": state["trial"], "values": values}
+        print(f"trial {trial} copies trial {copy['donor']} after epoch {epochs} and goes on with {values}", flush=True)
+        return cls(trial, [*state["lineage"], copy], [*made, copy])
+
+    def attrs(self, history: list[dict[str, float]]) -> dict[str, Any]:
+        """Its user attrs: the copies, and the lambda it trained under at every epoch (donors' included)."""
+        return {"lineage": self.lineage, "copies": self.copies, "lambda_trajectory": [h["lambda"] for h in history]}
+
+    def save(self, directory: Path) -> None:
+        (directory / LINEAGE_FILE).write_text(json.dumps(asdict(self)))
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """A member's realised lambda at every epoch, the donors' epochs before each copy included."""
+    return [h["lambda"] for h in trial.user_attrs["history"]]

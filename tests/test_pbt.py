@@ -1,0 +1,177 @@
+"""Population-based training over lambda (``study.sampler: pbt`` on Ray): the space it accepts, the
+perturbations it makes, and one population end to end: copies happen, the study records them, export
+writes the best member's lambda as a table and the retraining replays it stretched."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from search import run as run_cli
+from search.pbt import Clip, Resample, mutations
+from search.report import build
+from search.space import load_space
+from trainer.checkpoint import load_history
+
+from conftest import ROOT, communicate
+
+SPACE = """
+study: {{name: pop, seed: 0, sampler: pbt, population: 4, perturbation_interval: 2{study}}}
+base:
+  data: {{limit: 48, timesteps: 2, batch_size: 16}}
+  model: {{width: 4}}
+  heads: {{exits: [layer1.0]}}
+  lambda: {{schedule: constant}}
+  optim: {{name: adamw, lr: 0.01, epochs: 6}}
+final:
+  optim.epochs: 9
+space:
+{space}
+"""
+LAMBDA = "  lambda.start: {type: float, low: 0.0, high: 1.0}"
+
+
+def space_file(tmp_path, study="", space=LAMBDA):
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE.format(study=study, space=space))
+    return path
+
+
+@pytest.mark.parametrize("space,study,message", [
+    ("  heads.exits: {type: subset, choices: [layer1.0, layer2.0]}", "",
+     "study.sampler pbt changes values mid-training, and heads.exits would change the network"),
+    ("  data.timesteps: {type: int, low: 2, high: 4}", "", "data.timesteps would change the network"),
+    (LAMBDA, ", pruner: hyperband", "'study.pruner': population-based training stops no member"),
+    (LAMBDA, ", baseline: true", "'study.baseline': a population has no baseline trial"),
+    ("  optim.lr: {type: categorical, choices: [0.01, 0.02]}", ", sampler: pb2",
+     "study.sampler pb2 changes values mid-training, and optim.lr would change the network or cannot be perturbed"),
+])
+def test_a_pbt_space_perturbs_only_what_can_change_mid_training(tmp_path, capsys, space, study, message):
+    path = space_file(tmp_path, study, space)
+    url = f"sqlite:///{tmp_path}/p.db"
+    assert run_cli.main(["--space", str(path), "--storage", url, "--backend", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "p.db").exists()  # refused before the study
+
+
+def test_pbt_runs_on_ray_only(tmp_path, capsys):
+    assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", f"sqlite:///{tmp_path}/p.db"]) == 2
+    assert "study.sampler pbt trains a population on Ray Tune: add --backend ray" in capsys.readouterr().err
+
+
+def test_perturbed_values_stay_in_their_range_and_on_their_step(tmp_path):
+    space = load_space(space_file(tmp_path, space=LAMBDA + "\n  optim.lr: {type: float, low: 0.001, high: 0.1, log: true}"
+                                  "\n  optim.weight_decay: {type: float, low: 0.0, high: 0.1, step: 0.01}"))
+    clip = Clip(space.params)
+    assert clip({"values": {"lambda.start": 1.08, "optim.lr": 0.0005, "optim.weight_decay": 0.0333}})["values"] == \
+        {"lambda.start": 1.0, "optim.lr": 0.001, "optim.weight_decay": pytest.approx(0.03)}
+    drawn = mutations(space.params)["values"]
+    assert set(drawn) == {"lambda.start", "optim.lr", "optim.weight_decay"}
+    lrs = [drawn["optim.lr"]() for _ in range(200)]
+    assert all(0.001 <= v <= 0.1 for v in lrs) and min(lrs) < 0.003 and max(lrs) > 0.03  # log-uniform
+    assert isinstance(drawn["lambda.start"], Resample)
+    choices = load_space(space_file(tmp_path, space="  optim.lr: {type: categorical, choices: [0.01, 0.02]}")).params
+    assert mutations(choices) == {"values": {"optim.lr": [0.01, 0.02]}}  # PBT shifts to a neighbour
+
+
+def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_the_lambda_it_found(tmp_path):
+    """spaces/lambda_pbt.yaml with 2 members x 4 epochs, PBT every 2: the worse member copies the better;
+    the driver is SIGKILLed mid-population and the same command resumes it from the members' last checkpoints; each
+    member is a trial of the study with its lambda per epoch and its lineage; export writes the best
+    member's lambda as a table, and retraining 6 epochs replays it stretched."""
+    url = f"sqlite:///{tmp_path}/p.db"
+    shipped = yaml.safe_load((ROOT / "spaces" / "lambda_pbt.yaml").read_text())  # at a tiny size
+    shipped["study"].update(name="pop", population=2)
+    shipped["base"]["data"].update(limit=48, timesteps=2, batch_size=16)
+    shipped["base"]["model"]["width"] = 4
+    shipped["base"]["heads"]["exits"] = ["layer1.0"]
+    shipped["base"]["optim"]["epochs"] = 4
+    shipped["final"]["optim.epochs"] = 6
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(shipped))
+    cmd = [sys.executable, "search/run.py", "--space", str(tmp_path / "space.yaml"), "--storage", url,
+           "--backend", "ray"]
+    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while max((len(load_history(d)) for d in (tmp_path / "pop" / "trials").glob("*") if (d / "last.pt").exists()),
+                  default=0) < 1:  # before PBT's first copy
+            assert time.time() < deadline and driver.poll() is None
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first = communicate(driver)
+    assert all(t.state == TrialState.RUNNING for t in optuna.load_study(study_name="pop", storage=url).get_trials())
+    saved = {int(d.name): len(load_history(d)) for d in (tmp_path / "pop" / "trials").glob("*")}
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = first + again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert "the population's driver died; members [0, 1] go on from their last checkpoints" in again.stdout
+    for number, epochs in saved.items():  # each goes on from its own last.pt, not from epoch 0 (Ray's workers
+        if epochs:  # may finish an epoch more after their driver died)
+            resumed = re.findall(rf"trial {number} resumes after epoch (\d)/4", again.stdout)
+            assert resumed and int(resumed[0]) >= epochs, (number, epochs, resumed)
+    study = optuna.load_study(study_name="pop", storage=url)
+    members = study.get_trials()
+    assert len(members) == 2 and all(t.state == TrialState.COMPLETE for t in members), out
+    # synchronous PBT every 2 epochs: once every member has 2, the worse copies the better (a member that had
+    # 3 when its driver died joins at 3)
+    copies = [e for t in members for e in t.user_attrs["copies"]]
+    assert copies and all(e["epoch"] in (2, 3) for e in copies), copies
+    for e in copies:  # the log says so
+        assert f"trial {e['trial']} copies trial {e['donor']} after epoch {e['epoch']} and goes on with" in out
+    for t in members:
+        history = t.user_attrs["history"]
+        assert len(history) == 4 and t.user_attrs["lambda_trajectory"] == [h["lambda"] for h in history]
+        assert set(t.intermediate_values) <= {1, 2, 3, 4} and 4 in t.intermediate_values
+        if t.user_attrs["lineage"]:  # its first epochs are its donor's, then it goes on with the perturbed lambda
+            e = t.user_attrs["lineage"][-1]
+            donor = study.trials[e["donor"]].user_attrs["lambda_trajectory"]
+            assert t.user_attrs["lambda_trajectory"][e["epoch"]:] == [e["values"]["lambda.start"]] * (4 - e["epoch"])
+            assert t.user_attrs["lambda_trajectory"][:e["epoch"]] == donor[:e["epoch"]] or len(t.user_attrs["lineage"]) > 1
+            assert t.user_attrs["config"]["lambda"]["start"] == e["values"]["lambda.start"]
+
+    (figure,) = [x.figure for x in build(study).sections if x.title == "Population: lambda over epochs"]
+    marks = [trace for trace in figure.data if trace.mode == "markers"]  # the copies, on the members' lambda
+    assert sorted(x for trace in marks for x in trace.x) == sorted(e["epoch"] + 1 for e in copies)
+
+    exported = subprocess.run([sys.executable, "search/export.py", "--study", "pop", "--storage", url, "--out",
+                               str(tmp_path / "exp")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    best = yaml.safe_load((tmp_path / "exp" / "best.yaml").read_text())
+    table = best["lambda"]["table"]
+    assert best["lambda"]["schedule"] == "table" and table == study.best_trial.user_attrs["lambda_trajectory"]
+    retrained = subprocess.run([sys.executable, "search/retrain.py", str(tmp_path / "exp" / "best.yaml"),
+                                "--out", str(tmp_path / "final")], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
+    assert retrained.returncode == 0, retrained.stdout + retrained.stderr
+    lambdas = [r["metrics"]["lambda"] for r in load_history(tmp_path / "final")]  # the retraining's last.pt
+    stretched = np.interp(np.arange(6) / 5, np.linspace(0, 1, len(table)), table)
+    assert len(lambdas) == 6 and lambdas == pytest.approx(stretched.tolist(), abs=1e-12)
+
+
+def test_pb2_draws_the_copies_values_from_a_gp_bandit(tmp_path):
+    """study.sampler pb2: PBT whose perturbed values come from Ray's PB2 (a Gaussian-process bandit over
+    the members' results), clipped into their range; the rest is PBT's."""
+    url = f"sqlite:///{tmp_path}/p.db"
+    path = space_file(tmp_path, study=", population: 2, perturbation_interval: 1")
+    path.write_text(path.read_text().replace("sampler: pbt", "sampler: pb2").replace("epochs: 6", "epochs: 2"))
+    proc = subprocess.run([sys.executable, "search/run.py", "--space", str(path), "--storage", url, "--backend", "ray"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "a population of 2 on Ray (PB2 every 1 epochs, lambda.start)" in proc.stdout
+    members = optuna.load_study(study_name="pop", storage=url).get_trials()
+    assert len(members) == 2 and all(t.state == TrialState.COMPLETE for t in members)
+    (copy,) = [e for t in members for e in t.user_attrs["copies"]]  # synchronous: the worse copies at epoch 1
+    assert copy["epoch"] == 1 and 0.0 <= copy["values"]["lambda.start"] <= 1.0
+    assert f"trial {copy['trial']} copies trial {copy['donor']} after epoch 1" in proc.stdout + proc.stderr
