@@ -22,7 +22,6 @@ from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial
 
 from search import compat
-from search.pbt import table
 from search.storage import artifact_store, default_url, study_dir
 from search.study import load_study, select
 from trainer.checkpoint import MODEL_FILE
@@ -33,8 +32,9 @@ def exported(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> dict:
     """The trial's config and provenance; a PBT member's lambda is the schedule it realised, epoch by
     epoch (its donors' epochs before each copy included), as ``lambda.schedule: table``."""
     config = dict(trial.user_attrs["config"])
-    if "lineage" in trial.user_attrs:
-        config["lambda"] = {**config["lambda"], "schedule": "table", "fraction": 1.0, "table": table(trial)}
+    if "lambda_trajectory" in trial.user_attrs:
+        config["lambda"] = {**config["lambda"], "schedule": "table", "fraction": 1.0,
+                            "table": trial.user_attrs["lambda_trajectory"]}
     config["provenance"] = {
         "study": study.study_name,
         "storage": storage_url,

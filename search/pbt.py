@@ -26,17 +26,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from search.samplers import POPULATION
 from search.space import Categorical, Float, Int, Param, Space, SpaceError, suggest
 from search.trial import LINEAGE_FILE, trial_dir
 
 MUTABLE = ("lambda.start", "optim.lr", "optim.weight_decay", "optim.momentum")
-SAMPLERS = ("pbt", "pb2")  # pb2: PBT whose new values come from a Gaussian-process bandit (Parker-Holder et al. 2020)
 
 
 def check(space: Space) -> None:
     """Refuse a PBT space that searches what cannot change mid-training, in one line naming the keys."""
     sampler = space.study.sampler
-    if sampler not in SAMPLERS:
+    if sampler not in POPULATION:
         return
     kinds = Float | Int if sampler == "pb2" else Float | Int | Categorical  # PB2 models numbers in ranges
     fixed = [p.key for p in space.params if p.key not in MUTABLE or p.when or not isinstance(p, kinds)]
@@ -90,7 +90,7 @@ def scheduler(space: Space) -> Any:
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
-    if space.study.sampler == "pb2":
+    if space.study.sampler == "pb2":  # PBT whose new values come from a Gaussian-process bandit
         return PB2(time_attr="epochs_run", perturbation_interval=space.study.perturbation_interval,
                    hyperparam_bounds={"values": {p.key: [p.low, p.high] for p in space.params}},
                    custom_explore_fn=Clip(space.params), quantile_fraction=0.25, synch=True)
@@ -162,8 +162,3 @@ class Member:
 
 def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def table(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """A member's realised lambda at every epoch, the donors' epochs before each copy included."""
-    return [h["lambda"] for h in trial.user_attrs["history"]]

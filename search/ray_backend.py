@@ -34,7 +34,7 @@ from search.budget import claim_worker, is_baseline, remaining  # noqa: E402
 from search.progress import EpochProgress  # noqa: E402
 from search.pruners import make_scheduler  # noqa: E402
 from search.retry import requeue  # noqa: E402
-from search.samplers import make_sampler  # noqa: E402
+from search.samplers import POPULATION, make_sampler  # noqa: E402
 from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
 from search.study import BASELINE, create_study  # noqa: E402
@@ -78,19 +78,21 @@ def _trainable(space: Space):
         directory, number = Path(config["directory"]), config["trial"]
         checkpoint = tune.get_checkpoint()  # this trial's resume state, or (PBT) the member it copies
         resume = bool(checkpoint) or bool(config.get("resume"))  # a PBT member of a dead driver: its last.pt
-        member = pbt.Member.restored(directory, directory, number, 0, {}) if resume else pbt.Member(number)
+        member = pbt.Member(number)  # a new one: files in its folder are another study's
         if checkpoint:
             directory.mkdir(parents=True, exist_ok=True)
             with checkpoint.as_directory() as saved:
                 shutil.copyfile(Path(saved) / STATE_FILE, directory / STATE_FILE)
                 member = pbt.Member.restored(Path(saved), directory, number, len(load_history(directory)),
                                              config["values"])
+        elif resume:
+            member = pbt.Member.restored(directory, directory, number, 0, {})
 
         def hook(record: TrialRecord, report: EpochReport, restored: bool) -> None:
             epochs = record.attrs["config"]["optim"]["epochs"]
             if restored and report.epoch + 1 < epochs:  # Tune restored its own count of epochs with the
                 return  # checkpoint; a state that holds every epoch (a PBT copy at the end) reports its last
-            if space.study.sampler in pbt.SAMPLERS:
+            if space.study.sampler in POPULATION:
                 record.attrs.update(member.attrs(record.history))
                 member.save(directory)
             values = dict(zip(space.study.metrics, record.values))
@@ -249,7 +251,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
     with ``study.sampler: pbt`` train one population of ``study.population`` members."""
     root = root or study_dir(url, space.study.name)
     study = create_study(space, storage, root)
-    s, pbt_run = space.study, space.study.sampler in pbt.SAMPLERS
+    s, pbt_run = space.study, space.study.sampler in POPULATION
     experiment = (root / "ray" / s.name).resolve()
     # a population's members left RUNNING by a dead driver go on from their own last.pt (Tune's experiment
     # restore may point at a checkpoint it deleted just before the driver died); other trials are queued again
@@ -296,8 +298,9 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
             r = trial.last_result or {}
             values = ", ".join(f"{m}={r[m]:.4g}" for m in s.metrics if isinstance(r.get(m), float))
             params = ", ".join(f"{k}={v}" for k, v in trial.config["values"].items())
-            print(f"ray trial {_own(trial.config, trial.trial_id)['trial']} done after {r.get('epochs_run', 0)}/{epochs} epochs: "
-                  f"{values} | {params}", flush=True)
+            number = _own(trial.config, trial.trial_id)["trial"]
+            print(f"ray trial {number} done after {r.get('epochs_run', 0)}/{epochs} epochs: {values} | {params}",
+                  flush=True)
 
     tuner = tune.Tuner(
         _with_resources(space, cpus_per_trial, gpus_per_trial),

@@ -42,6 +42,10 @@ class Section:
 
 
 def _lambdas(trial: FrozenTrial) -> list[float]:
+    """The lambda of each epoch: a PBT member's as it trained (its config holds only its last value),
+    any other trial's from its schedule."""
+    if "lambda_trajectory" in trial.user_attrs:
+        return trial.user_attrs["lambda_trajectory"]
     cfg = Config.model_validate(trial.user_attrs["config"])
     epochs = cfg.optim.epochs
     return [balance(cfg.lambda_, e, epochs) if cfg.heads.exits else 0.0 for e in range(epochs)]

@@ -67,7 +67,8 @@ def check(args: argparse.Namespace) -> Space:
         raise UserError(f"--n-trials: must be >= 1 (got {args.n_trials})")
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: must be >= 1 (got {args.workers})")
-    from search.pbt import SAMPLERS as POPULATION, check as check_pbt
+    from search.pbt import check as check_pbt
+    from search.samplers import POPULATION
 
     if space.study.sampler in POPULATION and args.backend != "ray":
         raise UserError(f"{args.space}: study.sampler {space.study.sampler} trains a population on Ray Tune: add "

@@ -66,6 +66,7 @@ SAMPLERS: dict[str, Callable[[Any, int | None], BaseSampler]] = {
     "pbt": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),
     "pb2": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),  # PBT, new values from a GP bandit
 }
+POPULATION = ("pbt", "pb2")  # the samplers above that train one population (Ray only, no pruner)
 
 
 def make_sampler(space: Any, worker: int = 0) -> BaseSampler:

@@ -38,7 +38,7 @@ from pydantic_core import PydanticCustomError
 
 from search.metrics import METRICS
 from search.pruners import PRUNERS
-from search.samplers import SAMPLERS, grid
+from search.samplers import POPULATION, SAMPLERS, grid
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
 from trainer.probe import check
 from trainer.errors import UserError, quote
@@ -220,7 +220,7 @@ class Study(_Model):
     @classmethod
     def _pbt_schedules(cls, data: Any) -> Any:
         """PBT is its own scheduler: with sampler pbt the pruner defaults to none, and nothing else goes."""
-        if isinstance(data, dict) and data.get("sampler") in ("pbt", "pb2"):
+        if isinstance(data, dict) and data.get("sampler") in POPULATION:
             if data.setdefault("pruner", "none") != "none":
                 raise _bad("population-based training stops no member (allowed with sampler pbt or pb2: none)",
                            at="pruner")
