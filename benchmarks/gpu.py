@@ -228,7 +228,7 @@ def compiled_as(**options: Any) -> Iterator[None]:
     """``trainer.fit`` compiles its step with these ``torch.compile`` options, within this block."""
     step = torch.compile(step_loss, dynamic=False, **options)
     real = trainer.fit.compiled_step
-    trainer.fit.compiled_step = lambda: step
+    trainer.fit.compiled_step = lambda device_type: step
     try:
         yield
     finally:

@@ -131,7 +131,9 @@ def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_p
     # at 128 images the window in which both had finished one closed within 2 s of the test's polls
     space = space_file(tmp_path, epochs=8, data=", limit: 256")
     parent = subprocess.Popen(command(space, url, 3, "--workers", "2"), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal,
+    # though pytest itself runs in the background (where a shell starts its jobs with SIGINT ignored)
     try:
         wait_for(url, lambda ts: sum(t.state == TrialState.RUNNING and t.user_attrs.get("epochs_run", 0) >= 1
                                      for t in ts) == 2)
