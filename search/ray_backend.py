@@ -307,7 +307,8 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, metric=s.metrics[0] if single else None,
                                     mode=mode, num_samples=more, max_concurrent_trials=concurrent,
-                                    time_budget_s=timeout, reuse_actors=pbt_run),  # a copy: no new process
+                                    time_budget_s=timeout,
+                                    reuse_actors=True),  # another trial, a PBT copy, a resume: no new process
         run_config=tune.RunConfig(
             name=s.name, storage_path=str(experiment.parent), verbose=0, callbacks=[Report(), *callbacks],
             # a member's last epoch ends it: PBT would otherwise copy another member's last epoch into it

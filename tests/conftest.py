@@ -1,13 +1,26 @@
+import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest workers on 2 cores: one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"  # and each search process a test starts inherits it (before torch loads)
 
 import pytest
 import sqlalchemy
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "long: starts search processes, Ray or a compiler (10-70 s); runs first")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first, in file order, so that two workers end together (longest-first scheduling)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 

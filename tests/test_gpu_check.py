@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # its scripts import each other by name
@@ -22,15 +23,19 @@ import gpu  # noqa: E402
 from record import Table  # noqa: E402
 from test_benchmarks import printed_tables  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    """The smoke run's record and printed output (one run, under a minute on 2 cores, for every test here)."""
-    path = tmp_path_factory.mktemp("gpu") / "smoke.json"
-    out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--json", str(path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(path.read_text()), out.stdout
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[dict[str, Any], str]:
+    """The smoke run's record and printed output: one run (about a minute on 2 cores) for every test here,
+    whichever pytest-xdist worker asks first; the others wait for its files (pytest-xdist's recipe)."""
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    path, printed = shared / "gpu-smoke.json", shared / "gpu-smoke.out"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--json", str(path)], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr[-3000:]
+            printed.write_text(out.stdout)
+    return json.loads(path.read_text()), printed.read_text()
 
 
 def rows(record: dict[str, Any], stage: str) -> list[list[Any]]:
@@ -41,6 +46,7 @@ def is_figure(cell: Any) -> bool:
     return isinstance(cell, int | float) and not isinstance(cell, bool)
 
 
+@pytest.mark.long  # the smoke run; the page's test, later, reads its files
 def test_every_stage_reports_a_figure_or_a_reason(smoke: tuple[dict[str, Any], str]) -> None:
     record, stdout = smoke
     assert set(record) == {"script", "date", "machine", "args", "tables", "commit", "stages"}
