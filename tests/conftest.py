@@ -4,8 +4,8 @@ import sys
 import uuid
 from pathlib import Path
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest workers on 2 cores: one thread each,
-    os.environ["OMP_NUM_THREADS"] = "1"  # and each search process a test starts inherits it (before torch loads)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 3 pytest workers on 2 cores (one waits while another
+    os.environ["OMP_NUM_THREADS"] = "1"  # starts Ray): one thread each, inherited by the processes a test starts
 
 import pytest
 import sqlalchemy
@@ -19,8 +19,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests first, in file order, so that two workers end together (longest-first scheduling)."""
+    """The long tests first, in file order: with ``--maxschedchunk 1`` each worker takes the next test when
+    it is free, so the workers end together (longest-first scheduling)."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 

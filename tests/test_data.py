@@ -25,6 +25,27 @@ def test_digits_splits_are_disjoint_and_fixed():
     assert a.train.x.min() == 0 and a.train.x.max() == 1 and a.num_classes == 10 and a.in_channels == 1
 
 
+def test_digits_are_kept_in_the_data_folder_and_read_back_without_scikit_learn(tmp_path, monkeypatch):
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    cfg = DataConfig(batch_size=1000, root=str(tmp_path))
+    first = load_data(cfg, CPU, seed=1)
+    kept = tmp_path / "digits" / "digits.npz"
+    assert kept.is_file() and [p.name for p in kept.parent.iterdir()] == ["digits.npz"]  # no partial file left
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # importing it now raises ImportError
+    again = load_data(cfg, CPU, seed=1)
+    assert all(torch.equal(a, b) for a, b in [(first.train.x, again.train.x), (first.test.y, again.test.y)])
+    raw = load_digits()
+    assert torch.equal(torch.cat([again.train.x, again.val.x, again.test.x]).mul(16).sort(0).values,
+                       torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1).sort(0).values)
+    kept.write_bytes(kept.read_bytes()[:100])  # a truncated file is read again from scikit-learn
+    monkeypatch.delitem(sys.modules, "sklearn.datasets")
+    assert torch.equal(load_data(cfg, CPU, seed=1).train.x, first.train.x) and np.load(kept)["images"].shape == (
+        1797, 8, 8)
+
+
 def test_split_indices_partition_the_set():
     parts = split_indices(100, (0.2, 0.3))
     assert [len(p) for p in parts] == [20, 30, 50]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -185,13 +186,35 @@ def _tensor_bundle(
 
 @DATASETS.register(shape=lambda cfg: Shape(1, (8, 8), 10))
 def digits(cfg: DataConfig, device: torch.device, seed: int) -> DataBundle:
+    images, target = _digits_arrays(Path(cfg.root) / "digits" / "digits.npz")
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.long)
+    test_idx, train_idx = split_indices(len(x), (0.2,))
+    return _tensor_bundle(cfg, x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10, device, seed)
+
+
+def _digits_arrays(cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 digits (images [N, 8, 8] of 0-16, labels), kept in ``cache`` after the first load:
+    importing scikit-learn costs each process ~1.7 s of CPU, more than an epoch of a digits trial. An
+    unreadable file is read again from scikit-learn; a folder that cannot be written is left as it is."""
+    try:
+        with np.load(cache, allow_pickle=False) as saved:
+            images, target = saved["images"], saved["target"]
+        if images.shape == (1797, 8, 8) and target.shape == (1797,):
+            return images, target
+    except Exception:  # noqa: BLE001 - absent, truncated or another file: scikit-learn has the data
+        pass
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(raw.target, dtype=torch.long)
-    test_idx, train_idx = split_indices(len(x), (0.2,))
-    return _tensor_bundle(cfg, x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10, device, seed)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npz")  # then renamed: whole or absent
+        np.savez(partial, images=raw.images, target=raw.target)
+        os.replace(partial, cache)
+    except OSError:
+        pass
+    return raw.images, raw.target
 
 
 @DATASETS.register(shape=lambda cfg: Shape(1, (28, 28), 10))
