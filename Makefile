@@ -16,7 +16,7 @@ run: $(STAMP)
 	$(PY) search/run.py --space spaces/lambda_decay.yaml --workers 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3 --maxschedchunk 1
+	$(PY) -m pytest -q -n 2 --maxschedchunk 1
 
 bench: $(STAMP)
 	$(PY) benchmarks/shortcut_heads.py

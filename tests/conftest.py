@@ -4,8 +4,8 @@ import sys
 import uuid
 from pathlib import Path
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 3 pytest workers on 2 cores (one waits while another
-    os.environ["OMP_NUM_THREADS"] = "1"  # starts Ray): one thread each, inherited by the processes a test starts
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two pytest workers on 2 cores: one thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the processes a test starts (set before torch loads)
 
 import pytest
 import sqlalchemy
@@ -15,13 +15,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "long: starts search processes, Ray or a compiler (10-70 s); runs first")
+    config.addinivalue_line("markers", "long(seconds): starts search processes, Ray or a compiler; runs first, "
+                            "the longest (CPU seconds on 2 cores, measured) first")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests first, in file order: with ``--maxschedchunk 1`` each worker takes the next test when
+    """The long tests first, longest first: with ``--maxschedchunk 1`` each worker takes the next test when
     it is free, so the workers end together (longest-first scheduling)."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("long")
+        return -1 if mark is None else mark.args[0] if mark.args else 0
+
+    items.sort(key=seconds, reverse=True)
 
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"

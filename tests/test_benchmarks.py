@@ -77,7 +77,7 @@ def test_tables_render_the_same_from_json_and_write_to_a_new_folder(tmp_path: Pa
     assert record.Table.from_dict(rec["tables"][0]).markdown() == table.markdown()
 
 
-@pytest.mark.long
+@pytest.mark.long(20)
 def test_lif_benchmark_checks_every_neuron_against_the_reference(tmp_path: Path) -> None:
     (rows,), rec = bench(tmp_path, "lif.py", *"--timesteps 2 --batch 2 --rounds 2 --repeats 1".split())
     assert rec["args"].items() >= {"timesteps": [2], "batch": 2, "rounds": 2, "repeats": 1}.items()
@@ -102,7 +102,7 @@ def test_heads_overhead_counts_the_heads_ops(tmp_path: Path) -> None:
     assert plain_ops > 1000 and 0 < head_ops < 100, row  # two heads: a few dozen ops on a >1000-op step
 
 
-@pytest.mark.long
+@pytest.mark.long(25)
 def test_train_memory_grows_with_timesteps(tmp_path: Path) -> None:
     (rows,), rec = bench(tmp_path, "train_memory.py")
     assert rec["args"].items() >= {"arch": "resnet20", "size": 8, "batch": 64}.items()
@@ -111,7 +111,7 @@ def test_train_memory_grows_with_timesteps(tmp_path: Path) -> None:
     assert peaks[0] < peaks[1] < peaks[2], rows  # activations are kept for every timestep
 
 
-@pytest.mark.long
+@pytest.mark.long(90)
 def test_search_efficiency_compares_random_tpe_and_a_pbt_population(tmp_path: Path) -> None:
     (searches, final, ranks), rec = bench(tmp_path, "search_efficiency.py", *(
         "--trials 3 --set optim.epochs=4 --set data.limit=64 --pbt --final-epochs 1".split()))
@@ -159,7 +159,7 @@ def test_data_loading_compares_on_device_batches_with_the_dataloader(tmp_path: P
     assert rows[1][2] == 1.0 and all(rounded(r[1], 0) > 0 for r in rows)
 
 
-@pytest.mark.long
+@pytest.mark.long(25)
 def test_train_step_benchmark_times_eager_and_compiled_steps(tmp_path: Path) -> None:
     (rows,), rec = bench(tmp_path, "train_step.py",
                          *"--batch 2 --timesteps 1 --width 4 --steps 1 --rounds 1 --compile-backend aot_eager".split())

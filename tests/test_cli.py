@@ -32,7 +32,7 @@ def one_line_error(proc, *fragments):
     assert all(f in lines[0] for f in fragments), lines[0]
 
 
-@pytest.mark.long
+@pytest.mark.long(25)
 def test_snn_search_run_and_the_documented_script_run_the_same_study(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)

@@ -47,7 +47,7 @@ def distinct_params(done):
     return len({tuple(sorted(t.params.items())) for t in done}) == len(done)
 
 
-@pytest.mark.long
+@pytest.mark.long(20)
 def test_two_workers_finish_exactly_n_trials_with_distinct_params(tmp_path, pg_url):
     space = space_file(tmp_path)
     here = "--study-dir", str(tmp_path / "shared")
@@ -63,7 +63,7 @@ def test_two_workers_finish_exactly_n_trials_with_distinct_params(tmp_path, pg_u
     assert sorted(int(out.split("sampler seed stream ")[1].split(",")[0]) for out in outputs) == [0, 1]
 
 
-@pytest.mark.long
+@pytest.mark.long(70)
 def test_ray_backend_writes_to_the_study_and_resumes(tmp_path):
     url = f"sqlite:///{tmp_path}/ray.db"
     space = space_file(tmp_path, study=", pruner: successive_halving")
@@ -96,7 +96,7 @@ def test_ray_backend_writes_to_the_study_and_resumes(tmp_path):
     assert retry.params["lambda.start"] == orphan.params["lambda.start"]
 
 
-@pytest.mark.long
+@pytest.mark.long(50)
 def test_ray_hyperband_pauses_and_resumes_trials_from_their_checkpoints(tmp_path):
     """HyperBand pauses trials at its milestones and resumes the best later: from the checkpoint Tune
     got after their last epoch, not from epoch 0."""
@@ -163,7 +163,7 @@ def test_ray_schedulers_count_epochs_and_wait_min_epochs(tmp_path, monkeypatch):
     assert seen == [{"training_iteration": 2}]
 
 
-@pytest.mark.long
+@pytest.mark.long(40)
 def test_one_trial_ends_the_same_through_both_backends(tmp_path):
     """Both backends run a trial through search.trial.run_trial and end it in search.trial.finish: the
     stored trials agree in state, values, params, attrs and kept files (one thread each, same numerics)."""
@@ -218,7 +218,7 @@ def s3_server(monkeypatch):
     server.stop()
 
 
-@pytest.mark.long
+@pytest.mark.long(35)
 def test_a_retry_on_another_machine_resumes_from_the_artifact_store(tmp_path, pg_url, s3_server):
     """Two "machines" share a PostgreSQL study and an S3 bucket, not a folder: worker A uploads last.pt
     after every epoch (study.checkpoint_every: 1) and is SIGKILLed mid-trial; worker B, in a study folder
@@ -276,7 +276,7 @@ def _node_of(pid, nodes):
     return next((n for n in nodes if f"--node_id={n.node_id}" in named or f"--node-id={n.node_id}" in named), None)
 
 
-@pytest.mark.long
+@pytest.mark.long(70)
 def test_a_ray_trial_continues_on_another_node_when_its_node_is_removed(tmp_path):
     """A Ray cluster on this machine the way Ray's own tests build one (ray.cluster_utils.Cluster: a head
     without CPUs, two worker nodes of one CPU): the search joins it with --address; the node the first

@@ -266,7 +266,7 @@ def test_compiled_step_equals_eager(arch, exits):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.long
+@pytest.mark.long(30)
 def test_fit_with_the_compiled_step_trains_like_eager_and_still_measures_gradient_flow(monkeypatch):
     """Inductor on CPU (compiles once, ~1-2 min cold): each compiled step computes the eager step, gradient
     flow comes from the eager steps it samples (the first 8 of each epoch's 12), and whole runs agree only as

@@ -46,7 +46,7 @@ def is_figure(cell: Any) -> bool:
     return isinstance(cell, int | float) and not isinstance(cell, bool)
 
 
-@pytest.mark.long  # the smoke run; the page's test, later, reads its files
+@pytest.mark.long(80)  # the smoke run; the page's test, later, reads its files
 def test_every_stage_reports_a_figure_or_a_reason(smoke: tuple[dict[str, Any], str]) -> None:
     record, stdout = smoke
     assert set(record) == {"script", "date", "machine", "args", "tables", "commit", "stages"}

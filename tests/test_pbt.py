@@ -83,7 +83,7 @@ def test_perturbed_values_stay_in_their_range_and_on_their_step(tmp_path):
     assert mutations(choices) == {"values": {"optim.lr": [0.01, 0.02]}}  # PBT shifts to a neighbour
 
 
-@pytest.mark.long
+@pytest.mark.long(100)
 def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_the_lambda_it_found(tmp_path):
     """spaces/lambda_pbt.yaml with 2 members x 4 epochs, PBT every 2: the worse member copies the better;
     the driver is SIGKILLed mid-population and the same command resumes it from the members' last checkpoints; each
@@ -161,7 +161,7 @@ def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_t
     assert len(lambdas) == 6 and lambdas == pytest.approx(stretched.tolist(), abs=1e-12)
 
 
-@pytest.mark.long
+@pytest.mark.long(50)
 def test_pb2_draws_the_copies_values_from_a_gp_bandit(tmp_path):
     """study.sampler pb2: PBT whose perturbed values come from Ray's PB2 (a Gaussian-process bandit over
     the members' results), clipped into their range; the rest is PBT's."""

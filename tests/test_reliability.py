@@ -74,7 +74,7 @@ def storage_url(kind, tmp_path, request):
     return f"sqlite:///{tmp_path}/d.db" if kind == "sqlite" else f"journal:{tmp_path}/d.log"
 
 
-@pytest.mark.long
+@pytest.mark.long(40)
 @pytest.mark.parametrize("kind,sig", [("postgresql", "SIGKILL"), ("sqlite", "SIGTERM")])
 def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_path, kind, sig, request):
     """SIGKILL: no handler runs, the trial stays RUNNING with its last.pt until its heartbeat goes stale.
@@ -123,7 +123,7 @@ def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_pat
     assert sorted(p.name for p in (trial_dirs / str(retry.number)).iterdir()) == ["config.yaml", "model.pt"]
 
 
-@pytest.mark.long
+@pytest.mark.long(50)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_path, sig):
     """Ctrl-C reaches the terminal's process group; a preemption's SIGTERM reaches the parent alone, which
@@ -172,7 +172,7 @@ def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_p
     assert len({tuple(sorted(t.params.items())) for t in done if t.state in DONE}) == 3
 
 
-@pytest.mark.long
+@pytest.mark.long(30)
 def test_two_workers_on_a_journal_file_never_wait_for_a_lock(tmp_path):
     url = f"journal:{tmp_path}/d.log"
     space = space_file(tmp_path, epochs=1)
@@ -195,7 +195,7 @@ def test_two_workers_on_a_journal_file_never_wait_for_a_lock(tmp_path):
     assert (tmp_path / "d.log.budget.lock").exists()
 
 
-@pytest.mark.long
+@pytest.mark.long(70)
 def test_held_load_four_workers_and_four_separate_processes_on_sqlite(tmp_path):
     """Held load on one SQLite file: ``--workers 4``, and four separate processes started within a second
     on a new study (they race to create it): each study ends with exactly n trials, no two alike, none
