@@ -128,49 +128,6 @@ def test_a_model_that_cannot_work_is_one_line_before_anything_trains(tmp_path, m
     assert err.count("\n") == 1 and fragment in err, err
 
 
-GATED = '''
-from torch import nn
-
-class Gated(nn.Module):
-    """Branches on a value, which the meta device does not have."""
-    def __init__(self, num_classes):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4, num_classes)
-    def forward(self, x):
-        y = self.conv(x.flatten(0, 1))
-        if y.abs().sum().item() >= 0:
-            y = y.relu()
-        return self.fc(y.mean((2, 3))).unflatten(0, x.shape[:2]).mean(0)
-
-def gated(num_classes, in_channels):
-    return Gated(num_classes)
-'''
-
-
-def test_the_dry_run_takes_shapes_on_the_meta_device_and_values_on_the_cpu(tmp_path, monkeypatch):
-    """A recipe's model is probed on the meta device (ImageNet's ResNet-18: the same taps as on the CPU,
-    without a second of arithmetic); a model whose forward needs values is probed on the CPU."""
-    import trainer.probe as dry
-    from trainer.data import input_shape
-
-    devices, real = [], dry.run_probe
-    monkeypatch.setattr(dry, "run_probe", lambda model, *a: devices.append(next(model.parameters()).device.type)
-                        or real(model, *a))
-    dry._probe.cache_clear()  # what other tests probed
-    cfg = load(ROOT / "configs" / "imagenet_resnet18.yaml")
-    shape = input_shape(cfg.data)
-    on_meta = probe(cfg)
-    assert devices == ["meta"]
-    assert on_meta == real(cfg.model.build(shape.classes, shape.channels, cfg.neuron.factory(cuda=False)), shape,
-                           cfg.model.arch)  # every module's output shape, layout and calls per forward
-    assert on_meta.taps["layer4.1"].shape == (3, 2, 512, 7, 7)
-    (tmp_path / "gated_models.py").write_text(GATED)
-    monkeypatch.syspath_prepend(tmp_path)
-    gated = probe(load(None, ["model.arch=gated_models:gated", "heads.exits=[conv]"]))
-    assert devices[1:] == ["meta", "cpu"] and gated.taps["conv"].shape == (6, 4, 8, 8) and gated.output == (2, 10)
-
-
 def test_list_exits_prints_every_module_a_head_reads_with_its_shape():
     proc = subprocess.run([sys.executable, "-m", "trainer", "--list-exits", "--set", "model.arch=examples.my_snn:build"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)

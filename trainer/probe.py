@@ -185,19 +185,9 @@ def check_exits(cfg: Config, probe: Probe, source: str = "config") -> dict[str, 
 
 @lru_cache(maxsize=64)
 def _probe(key: str, source: str) -> Probe:
-    """On the meta device first: shapes without arithmetic, so a recipe's ImageNet ResNet checks in
-    milliseconds, not seconds. A model that cannot run there (``.item()``, branches on values, numpy) is
-    built and run on the CPU, which also gives a broken model's own error."""
     cfg = Config.model_validate(json.loads(key))
     shape = input_shape(cfg.data)
-    neuron = cfg.neuron.factory(cuda=False)
-    try:
-        with torch.device("meta"):
-            backbone = cfg.model.build(shape.classes, shape.channels, neuron)
-        return run_probe(backbone, shape, cfg.model.arch, source)
-    except Exception:  # noqa: BLE001 - the CPU run below says what is wrong, if anything is
-        pass
-    backbone = build_backbone(cfg, shape, neuron, source)
+    backbone = build_backbone(cfg, shape, cfg.neuron.factory(cuda=False), source)
     return run_probe(backbone, shape, cfg.model.arch, source)
 
 
