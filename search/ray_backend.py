@@ -303,7 +303,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
                   flush=True)
 
     tuner = tune.Tuner(
-        _with_resources(space, cpus_per_trial, gpus_per_trial),
+        tune.with_resources(_trainable(space), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
         param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, metric=s.metrics[0] if single else None,
                                     mode=mode, num_samples=more, max_concurrent_trials=concurrent,
@@ -320,10 +320,6 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
     )
     print(f"study {s.name!r}: {what}", flush=True)
     return _fit(tuner, study)
-
-
-def _with_resources(space: Space, cpus: float, gpus: float) -> Any:
-    return tune.with_resources(_trainable(space), {"cpu": cpus, "gpu": gpus})
 
 
 def _init(address: str | None) -> None:

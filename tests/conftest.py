@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "long(seconds): starts search processes, Ray or a compiler; runs first, "
-                            "the longest (CPU seconds on 2 cores, measured) first")
+                            "the longest (seconds it took alone on 2 cores) first")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
