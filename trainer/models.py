@@ -168,7 +168,8 @@ class SpikingResNet(nn.Module):
 
 for _shape in (
     ResNet("resnet19", BasicBlock, (3, 3, 2), 128, "cifar", fc_hidden=256),  # Zheng et al. 2021 (tdBN)
-    ResNet("resnet20", BasicBlock, (3, 3, 3), 16, "cifar"),  # He et al. 2016, for CIFAR
+    ResNet("resnet8", BasicBlock, (1, 1, 1), 16, "cifar"),  # He et al. 2016's 6n+2 CIFAR ResNets: n=1
+    ResNet("resnet20", BasicBlock, (3, 3, 3), 16, "cifar"),  # n=3
     ResNet("resnet18", BasicBlock, (2, 2, 2, 2), 64, "imagenet"),
     ResNet("resnet34", BasicBlock, (3, 4, 6, 3), 64, "imagenet"),
     ResNet("resnet50", Bottleneck, (3, 4, 6, 3), 64, "imagenet"),
