@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -183,20 +182,20 @@ def check_exits(cfg: Config, probe: Probe, source: str = "config") -> dict[str, 
     return select(probe, exits_of(cfg), cfg.model.arch, cfg.heads.hidden, source)
 
 
-@lru_cache(maxsize=64)
-def _probe(key: str, source: str) -> Probe:
-    cfg = Config.model_validate(json.loads(key))
-    shape = input_shape(cfg.data)
-    backbone = build_backbone(cfg, shape, cfg.neuron.factory(cuda=False), source)
-    return run_probe(backbone, shape, cfg.model.arch, source)
+_PROBES: dict[str, Probe] = {}
 
 
 def probe(cfg: Config, source: str = "config") -> Probe:
-    """The dry run of ``cfg``'s model on the CPU, once per distinct model and input shape in a process (the
-    neuron's parameters change no shape, so a space that searches them probes each net once)."""
-    key = {"model": cfg.model.model_dump(mode="json", exclude={"compile"}),
-           "data": cfg.data.model_dump(mode="json", include={"name", "image_size"})}
-    return _probe(json.dumps(key, sort_keys=True), source)
+    """The dry run of ``cfg``'s model on the CPU, once per distinct model and input shape in a process,
+    whichever file asks (the neuron's parameters change no shape, so a space that searches them probes each
+    net once). A dry run that fails is not kept: each file's error names that file."""
+    key = json.dumps({"model": cfg.model.model_dump(mode="json", exclude={"compile"}),
+                      "data": cfg.data.model_dump(mode="json", include={"name", "image_size"})}, sort_keys=True)
+    if key not in _PROBES:
+        shape = input_shape(cfg.data)
+        _PROBES[key] = run_probe(build_backbone(cfg, shape, cfg.neuron.factory(cuda=False), source), shape,
+                                 cfg.model.arch, source)
+    return _PROBES[key]
 
 
 def check(cfg: Config, source: str = "config") -> dict[str, Tap]:
