@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "long(seconds): starts search processes, Ray or a compiler; runs first, "
+    config.addinivalue_line("markers", "long(seconds): starts search processes, Ray or a compiler, or waits "
+                            "for a heartbeat to go stale (then the other worker keeps the cores busy); runs first, "
                             "the longest (seconds it took alone on 2 cores) first")
 
 
