@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from search.samplers import POPULATION
 from search.space import Categorical, Float, Int, Param, Space, SpaceError, suggest
 from search.trial import LINEAGE_FILE, trial_dir
+from trainer.checkpoint import atomic_write
 
 MUTABLE = ("lambda.start", "optim.lr", "optim.weight_decay", "optim.momentum")
 
@@ -157,7 +158,7 @@ class Member:
         return {"lineage": self.lineage, "copies": self.copies, "lambda_trajectory": [h["lambda"] for h in history]}
 
     def save(self, directory: Path) -> None:
-        (directory / LINEAGE_FILE).write_text(json.dumps(asdict(self)))
+        atomic_write(directory / LINEAGE_FILE, json.dumps(asdict(self)).encode())
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -39,7 +39,7 @@ from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
 from search.study import BASELINE, create_study  # noqa: E402
 from search.trial import Outcome, TrialRecord, directories, finish, run_trial, trial_dir  # noqa: E402
-from trainer.checkpoint import STATE_FILE, load_history  # noqa: E402
+from trainer.checkpoint import STATE_FILE, atomic_write, load_history  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
 
 
@@ -82,7 +82,7 @@ def _trainable(space: Space):
         if checkpoint:
             directory.mkdir(parents=True, exist_ok=True)
             with checkpoint.as_directory() as saved:
-                shutil.copyfile(Path(saved) / STATE_FILE, directory / STATE_FILE)
+                atomic_write(directory / STATE_FILE, (Path(saved) / STATE_FILE).read_bytes())
                 member = pbt.Member.restored(Path(saved), directory, number, len(load_history(directory)),
                                              config["values"])
         elif resume:

@@ -2,6 +2,7 @@
 perturbations it makes, and one population end to end: copies happen, the study records them, export
 writes the best member's lambda as a table and the retraining replays it stretched."""
 
+import json
 import os
 import re
 import signal
@@ -15,8 +16,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from search import export as export_cli
+from search import retrain as retrain_cli
 from search import run as run_cli
-from search.pbt import Clip, Resample, mutations
+from search.pbt import Clip, Member, Resample, mutations
 from search.report import build
 from search.space import load_space
 from trainer.checkpoint import load_history
@@ -83,6 +86,43 @@ def test_perturbed_values_stay_in_their_range_and_on_their_step(tmp_path):
     assert mutations(choices) == {"values": {"optim.lr": [0.01, 0.02]}}  # PBT shifts to a neighbour
 
 
+CAPPED = """
+import json, resource, signal, sys
+from pathlib import Path
+from search.pbt import Member
+from trainer.checkpoint import CheckpointWriteError, atomic_write
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a file of at most 4 KiB: the disk fills mid-write
+folder = Path(sys.argv[1])
+errors = []
+for write in (lambda: Member(3, [{"trial": 3, "epoch": 2, "donor": 1, "values": {"x": "y" * 8000}}]).save(folder),
+              lambda: atomic_write(folder / "last.pt", bytes(8000))):
+    try:
+        write()
+    except CheckpointWriteError as err:
+        errors.append(str(err))
+print(json.dumps(errors))
+"""
+
+
+def test_a_write_that_fails_midway_leaves_the_members_last_files_whole(tmp_path):
+    """A member's lineage.json and last.pt (its own, or the one PBT copies into its folder) are written
+    whole or not at all: a write that fails halfway (a file-size limit stands in for a full disk) leaves
+    the previous file as it was, and no partial file beside it."""
+    Member(3).save(tmp_path)
+    before = (tmp_path / "lineage.json").read_text()
+    (tmp_path / "last.pt").write_bytes(b"the previous state")
+    out = subprocess.run([sys.executable, "-c", CAPPED, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [f"[Errno 27] cannot write {tmp_path / name}: File too large"
+                                      for name in ("lineage.json", "last.pt")]
+    assert (tmp_path / "lineage.json").read_text() == before and json.loads(before)["trial"] == 3
+    assert (tmp_path / "last.pt").read_bytes() == b"the previous state"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "lineage.json"]
+
+
 @pytest.mark.long(100)
 def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_the_lambda_it_found(tmp_path):
     """spaces/lambda_pbt.yaml with 2 members x 4 epochs, PBT every 2: the worse member copies the better;
@@ -146,16 +186,11 @@ def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_t
     marks = [trace for trace in figure.data if trace.mode == "markers"]  # the copies, on the members' lambda
     assert sorted(x for trace in marks for x in trace.x) == sorted(e["epoch"] + 1 for e in copies)
 
-    exported = subprocess.run([sys.executable, "search/export.py", "--study", "pop", "--storage", url, "--out",
-                               str(tmp_path / "exp")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert exported.returncode == 0, exported.stderr
+    assert export_cli.main(["--study", "pop", "--storage", url, "--out", str(tmp_path / "exp")]) == 0
     best = yaml.safe_load((tmp_path / "exp" / "best.yaml").read_text())
     table = best["lambda"]["table"]
     assert best["lambda"]["schedule"] == "table" and table == study.best_trial.user_attrs["lambda_trajectory"]
-    retrained = subprocess.run([sys.executable, "search/retrain.py", str(tmp_path / "exp" / "best.yaml"),
-                                "--out", str(tmp_path / "final")], cwd=ROOT, capture_output=True, text=True,
-                               timeout=300)
-    assert retrained.returncode == 0, retrained.stdout + retrained.stderr
+    assert retrain_cli.main([str(tmp_path / "exp" / "best.yaml"), "--out", str(tmp_path / "final")]) == 0
     lambdas = [r["metrics"]["lambda"] for r in load_history(tmp_path / "final")]  # the retraining's last.pt
     stretched = np.interp(np.arange(6) / 5, np.linspace(0, 1, len(table)), table)
     assert len(lambdas) == 6 and lambdas == pytest.approx(stretched.tolist(), abs=1e-12)

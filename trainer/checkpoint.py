@@ -26,21 +26,27 @@ class CheckpointWriteError(OSError):
     """A checkpoint that could not be written (a full disk, a read-only folder); names the file."""
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Serialise in memory, write, then rename: a crash mid-save never leaves a truncated checkpoint, and a
-    failed write is an ``OSError`` with its errno (torch's own writer reports a full disk as "unexpected
-    pos"), naming the file and leaving no partial one behind."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` into a file beside ``path``, then rename it: a process killed mid-write, or a reader
+    at that moment, finds the old file or the new one, never a truncated one. A failed write is an
+    ``OSError`` with its errno (torch's own writer reports a full disk as "unexpected pos"), naming the file
+    and leaving no partial one behind."""
     tmp = path.with_suffix(".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(data)
         tmp.replace(path)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise CheckpointWriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save``, serialised in memory and written whole (``atomic_write``)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def save_model(
