@@ -60,7 +60,7 @@ def _own(config: dict[str, Any], trial_id: str) -> dict[str, Any]:
     if path.exists():
         return {**config, **json.loads(path.read_text())}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: config.get(k) for k in OWN}))
+    atomic_write(path, json.dumps({k: config.get(k) for k in OWN}).encode())  # the driver may read it meanwhile
     return config
 
 
