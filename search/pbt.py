@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from search.samplers import POPULATION
 from search.space import Categorical, Float, Int, Param, Space, SpaceError, suggest
 from search.trial import LINEAGE_FILE, trial_dir
-from trainer.checkpoint import atomic_write
+from trainer.files import atomic_write
 
 MUTABLE = ("lambda.start", "optim.lr", "optim.weight_decay", "optim.momentum")
 

@@ -39,7 +39,8 @@ from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
 from search.study import BASELINE, create_study  # noqa: E402
 from search.trial import Outcome, TrialRecord, directories, finish, run_trial, trial_dir  # noqa: E402
-from trainer.checkpoint import STATE_FILE, atomic_write, load_history  # noqa: E402
+from trainer.checkpoint import STATE_FILE, load_history  # noqa: E402
+from trainer.files import atomic_write  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
 
 

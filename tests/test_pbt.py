@@ -90,7 +90,7 @@ CAPPED = """
 import json, resource, signal, sys
 from pathlib import Path
 from search.pbt import Member
-from trainer.checkpoint import CheckpointWriteError, atomic_write
+from trainer.files import WriteError, atomic_write
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG) instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a file of at most 4 KiB: the disk fills mid-write
@@ -100,7 +100,7 @@ for write in (lambda: Member(3, [{"trial": 3, "epoch": 2, "donor": 1, "values": 
               lambda: atomic_write(folder / "last.pt", bytes(8000))):
     try:
         write()
-    except CheckpointWriteError as err:
+    except WriteError as err:
         errors.append(str(err))
 print(json.dumps(errors))
 """

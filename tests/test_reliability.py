@@ -23,6 +23,7 @@ from search.space import load_space
 from search.storage import open_storage, timeouts
 from search.trial import finish, run_trial
 from trainer.config import build
+from trainer.files import WriteError
 from trainer.fit import EpochReport, fit
 
 from conftest import ROOT, communicate
@@ -443,7 +444,7 @@ def test_a_full_disk_queues_the_trial_again_and_the_worker_exits_2_in_one_line(t
     def full_after_two(obj, path):
         calls.append(path)
         if len(calls) > 2:  # epoch 1's model.pt and last.pt fit; then the disk is full
-            raise checkpoint.CheckpointWriteError(errno.ENOSPC, f"cannot write {path}: No space left on device")
+            raise WriteError(errno.ENOSPC, f"cannot write {path}: No space left on device")
         real(obj, path)
 
     monkeypatch.setattr(checkpoint, "_atomic_save", full_after_two)

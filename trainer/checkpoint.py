@@ -6,7 +6,6 @@ rebuilds the backbone from it. ``last.pt`` adds heads, optimizer, LR schedule an
 
 from __future__ import annotations
 
-import contextlib
 import io
 from pathlib import Path
 from typing import Any
@@ -16,30 +15,11 @@ from torch import nn
 
 from trainer.config import Config, build
 from trainer.errors import UserError
+from trainer.files import atomic_write
 
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "last.pt"
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint that could not be written (a full disk, a read-only folder); names the file."""
-
-
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` into a file beside ``path``, then rename it: a process killed mid-write, or a reader
-    at that moment, finds the old file or the new one, never a truncated one. A failed write is an
-    ``OSError`` with its errno (torch's own writer reports a full disk as "unexpected pos"), naming the file
-    and leaving no partial one behind."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        tmp.replace(path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

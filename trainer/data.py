@@ -20,6 +20,7 @@ data set is one ``@DATASETS.register("name")`` function returning a ``DataBundle
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from trainer.errors import UserError
+from trainer.files import atomic_write
 from trainer.registry import Registry
 
 if TYPE_CHECKING:  # the config reads its data set names from DATASETS
@@ -207,11 +209,11 @@ def _digits_arrays(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     raw = load_digits()
+    buffer = io.BytesIO()
+    np.savez(buffer, images=raw.images, target=raw.target)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_name(f"{cache.stem}.{os.getpid()}.partial.npz")  # then renamed: whole or absent
-        np.savez(partial, images=raw.images, target=raw.target)
-        os.replace(partial, cache)
+        atomic_write(cache, buffer.getbuffer())
     except OSError:
         pass
     return raw.images, raw.target
