@@ -11,8 +11,9 @@ from optuna.artifacts._protocol import ArtifactStore  # the stores' common type;
 from optuna.storages._heartbeat import BaseHeartbeat  # what fail_stale_trials checks; not re-exported
 from optuna.trial import FrozenTrial
 
-__all__ = ["ArtifactStore", "BaseHeartbeat", "Heartbeats", "frozen", "rdb_beating_trial_ids", "rdb_stale_trial_ids",
-           "live_trial", "searcher_done", "searcher_study", "searcher_trial", "stale_trial_ids", "storage", "study_id", "trial_id"]
+__all__ = ["ArtifactStore", "BaseHeartbeat", "Heartbeats", "forget_stale_stop", "frozen", "live_trial",
+           "rdb_beating_trial_ids", "rdb_stale_trial_ids", "searcher_done", "searcher_study", "searcher_trial",
+           "stale_trial_ids", "storage", "study_id", "trial_id"]
 
 
 def storage(study: optuna.Study) -> optuna.storages.BaseStorage:
@@ -81,3 +82,14 @@ def searcher_done(search: Any, tune_id: str, done: bool = False) -> bool:
     if done:
         search._completed_trials.add(tune_id)
     return tune_id in search._completed_trials
+
+
+def forget_stale_stop(scheduler_view: Any, trial: Any) -> None:
+    """Drop a STOP that Tune keeps for a paused ``trial``. Tune 2.x caches STOP for a trial it pauses
+    while a save of it is in flight (synchronous PBT copies into a member that was pausing to wait) and
+    executes it after the member's next result, so the restarted member ends an epoch later. A paused
+    trial is restarted, never stopped, so such a STOP is always stale. ``scheduler_view`` is what Tune
+    hands a scheduler."""
+    decisions = scheduler_view._tune_controller._cached_trial_decisions
+    if trial.status == "PAUSED" and decisions.get(trial.trial_id) == "STOP":
+        del decisions[trial.trial_id]

@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from search import compat
 from search.samplers import POPULATION
 from search.space import Categorical, Float, Int, Param, Space, SpaceError, suggest
 from search.trial import LINEAGE_FILE, trial_dir
@@ -91,15 +92,29 @@ def scheduler(space: Space) -> Any:
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
+    def synchronous(base: type) -> type:
+        class Synchronous(base):
+            """``base`` whose members are never stopped for having copied another: a member that reported
+            while the last one was on its way copies while Tune still saves it, and Tune then keeps a STOP
+            for it (``compat.forget_stale_stop``); without this the copy ends one epoch later."""
+
+            def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+                decision = super().on_trial_result(tune_controller, trial, result)
+                for member in tune_controller.get_trials():
+                    compat.forget_stale_stop(tune_controller, member)
+                return decision
+
+        return Synchronous
+
     if space.study.sampler == "pb2":  # PBT whose new values come from a Gaussian-process bandit
-        return PB2(time_attr="epochs_run", perturbation_interval=space.study.perturbation_interval,
-                   hyperparam_bounds={"values": {p.key: [p.low, p.high] for p in space.params}},
-                   custom_explore_fn=Clip(space.params), quantile_fraction=0.25, synch=True)
+        return synchronous(PB2)(time_attr="epochs_run", perturbation_interval=space.study.perturbation_interval,
+                                hyperparam_bounds={"values": {p.key: [p.low, p.high] for p in space.params}},
+                                custom_explore_fn=Clip(space.params), quantile_fraction=0.25, synch=True)
     # epochs, not Tune's count of results: a member a new driver resumes after epoch 3 is at epoch 3
-    return PopulationBasedTraining(time_attr="epochs_run",
-                                   perturbation_interval=space.study.perturbation_interval,
-                                   hyperparam_mutations=mutations(space.params), custom_explore_fn=Clip(space.params),
-                                   quantile_fraction=0.25, resample_probability=0.25, synch=True)
+    return synchronous(PopulationBasedTraining)(
+        time_attr="epochs_run", perturbation_interval=space.study.perturbation_interval,
+        hyperparam_mutations=mutations(space.params), custom_explore_fn=Clip(space.params), quantile_fraction=0.25,
+        resample_probability=0.25, synch=True)
 
 
 def draw(study: optuna.Study, space: Space, size: int) -> list[tuple[optuna.Trial, dict[str, Any]]]:

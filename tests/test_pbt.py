@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from search import export as export_cli
 from search import retrain as retrain_cli
 from search import run as run_cli
-from search.pbt import Clip, Member, Resample, mutations
+from search.pbt import Clip, Member, Resample, mutations, scheduler
 from search.report import build
 from search.space import load_space
 from trainer.checkpoint import load_history
@@ -121,6 +121,64 @@ def test_a_write_that_fails_midway_leaves_the_members_last_files_whole(tmp_path)
     assert (tmp_path / "lineage.json").read_text() == before and json.loads(before)["trial"] == 3
     assert (tmp_path / "last.pt").read_bytes() == b"the previous state"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "lineage.json"]
+
+
+def slow_save_member() -> type:
+    """A Tune trainable (a class, so that its save can be slow: a second) that reports ``score`` after each
+    epoch, ``lag`` seconds after a wall-clock tick (members in step). Ray is imported here."""
+    from ray import tune
+
+    class Member(tune.Trainable):
+        def setup(self, config):
+            self.epoch = config["start"]
+
+        def step(self):
+            time.sleep(2.0 - time.time() % 1.0 + self.config["lag"])
+            self.epoch += 1
+            return {"score": self.config["score"], "epochs_run": self.epoch}
+
+        def save_checkpoint(self, checkpoint_dir):
+            time.sleep(1.0)
+            return {"epoch": self.epoch}
+
+        def load_checkpoint(self, checkpoint):
+            self.epoch = checkpoint["epoch"]
+
+    return Member
+
+
+@pytest.mark.long(25)
+def test_a_member_that_copies_another_while_tune_saves_it_still_trains_every_epoch(tmp_path):
+    """The CI failure of 2026-12-03: synchronous PBT, member A ahead (resumed at epoch 2) and worse, member B
+    behind (at 1) and better. A reports epoch 3 and pauses to wait, saving (for a second); B's epoch 2 comes
+    0.3 s later, and A copies B while Tune still saves A. Tune kept a STOP for A then and ended it after its next epoch
+    (3 of 4; the test's Ray run reproduced it in 3 runs of 4). Both members must train all 4 epochs."""
+    import ray
+    from ray import tune
+
+    space = load_space(space_file(tmp_path, space=LAMBDA))
+    members = [{"start": 2, "score": 0.1, "lag": 0.0, "values": {"lambda.start": 0.5}},
+               {"start": 1, "score": 0.9, "lag": 0.3, "values": {"lambda.start": 0.5}}]
+    ends = {}
+
+    class Ends(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ends[trial.trial_id] = trial.last_result["epochs_run"]
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        tune.Tuner(tune.with_resources(slow_save_member(), {"cpu": 1}),
+                   param_space={k: tune.choice([m[k] for m in members]) for k in ("start", "score", "lag")}
+                   | {"values": {"lambda.start": tune.choice([0.5])}},
+                   tune_config=tune.TuneConfig(
+                       search_alg=tune.search.BasicVariantGenerator(points_to_evaluate=members),
+                       scheduler=scheduler(space), metric="score", mode="max", num_samples=2),
+                   run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), stop={"epochs_run": 4}, verbose=0,
+                                             callbacks=[Ends()],  # a save after every epoch, as the trials' own
+                                             checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1))).fit()
+    finally:
+        ray.shutdown()
+    assert sorted(ends.values()) == [4, 4], ends
 
 
 @pytest.mark.long(100)
