@@ -97,7 +97,7 @@ def test_the_page_shows_the_newest_gpu_run_or_says_there_is_none(smoke: tuple[di
 
 
 def test_a_stage_is_stopped_at_its_bound_and_a_failing_one_does_not_end_the_run(tmp_path: Path) -> None:
-    run = gpu.Run(torch.device("cpu"), True, tmp_path)
+    run = gpu.Run(torch.device("cpu"), False, tmp_path)
 
     def slow(run: gpu.Run) -> None:
         run.table("t", "n").add(1)
@@ -107,6 +107,8 @@ def test_a_stage_is_stopped_at_its_bound_and_a_failing_one_does_not_end_the_run(
     stopped = gpu.run_stage(gpu.Stage("slow", 1, "sleeps", slow), run, 100)
     assert time.perf_counter() - t0 < 5 and stopped["status"] == "failed"
     assert stopped["reason"] == "stopped at its 1 s bound" and stopped["tables"][0].rows == [[1]]  # kept
+    smoke = gpu.run_stage(gpu.Stage("slow", 1, "sleeps", slow), gpu.Run(torch.device("cpu"), True, tmp_path), 100)
+    assert smoke["reason"] == f"stopped at its {gpu.SMOKE_SLACK} s bound"  # a loaded CPU's slack, not the GPU's
 
     def broken(run: gpu.Run) -> None:
         raise ValueError("first line\nsecond | line")
