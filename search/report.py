@@ -155,11 +155,13 @@ def summary(study: optuna.Study) -> list[tuple[str, str]]:
     return rows
 
 
-def sections(study: optuna.Study) -> list[Section]:
+def sections(study: optuna.Study, dashboard: bool = False) -> list[Section]:
+    """Every section, or with ``dashboard`` only those ``publish`` puts into the study: not the history and
+    the importances, which optuna-dashboard draws itself (fANOVA's forest takes seconds on a large study)."""
     metrics = study.user_attrs.get("metrics") or ["value"]
     multi = len(study.directions) > 1
     vis = optuna.visualization
-    out = [Section("Pareto front", f"Each dot is a trial's {' and '.join(metrics)}; the front holds the trials "
+    out = [] if dashboard else [Section("Pareto front", f"Each dot is a trial's {' and '.join(metrics)}; the front holds the trials "
                    "no other trial beats in every objective.", vis.plot_pareto_front(study, target_names=metrics))
            if multi else
            Section("Optimization history", f"Each dot is a trial's final {metrics[0]}; the line is the best so far.",
@@ -202,7 +204,7 @@ def sections(study: optuna.Study) -> list[Section]:
         out.append(Section(f"{metrics[0]} vs. timesteps", f"Each dot is a full-length trial's {metrics[0]} at the "
                            "number of timesteps it ran.", _timesteps(full, metrics[0]), dashboard=True))
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params]
-    if len(complete) >= 2:
+    if len(complete) >= 2 and not dashboard:
         target = (lambda t: t.values[0]) if multi else None
         with warnings.catch_warnings():  # "few trials per regime": the sentence below says it is an estimate
             warnings.simplefilter("ignore", UserWarning)
@@ -221,8 +223,8 @@ class Report:
     sections: list[Section]
 
 
-def build(study: optuna.Study) -> Report:
-    return Report(summary(study), sections(study))
+def build(study: optuna.Study, dashboard: bool = False) -> Report:
+    return Report(summary(study), sections(study, dashboard))
 
 
 def render(study: optuna.Study, report: Report) -> str:

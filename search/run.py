@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     from search.report import build, publish
 
-    publish(study, build(study))  # the summary and the SNN figures, for optuna-dashboard
+    publish(study, build(study, dashboard=True))  # the summary and the SNN figures, for optuna-dashboard
     name = space.study.name
     dashboard = url.removeprefix("journal:")  # optuna-dashboard reads a journal file by its path
     artifacts = study.user_attrs["artifacts"]

@@ -276,8 +276,18 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
                        "  data.timesteps: {type: int, low: 1, high: 3}\n"
                        "  heads.exits: {type: subset, choices: [layer1.0]}\n", baseline=True)
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "4"]) == 0
+    storage = optuna.storages.get_storage(url)
+    dashboard = lambda: {k: v for k, v in storage.get_study_system_attrs(storage.get_study_id_from_name("tiny"))
+                         .items() if k != "dashboard:note_ver"}  # noqa: E731 - the note and figures, unversioned
+    published = dashboard()
+    assert any(k.startswith("dashboard:") for k in published)
     out = tmp_path / "report.html"
     assert report_cli.main(["--study", "tiny", "--storage", url, "--out", str(out)]) == 0
+    # the search's end publishes from the dashboard's sections only (no history, no importances): the same
+    # note and figures as the report's full build
+    assert dashboard() == published
+    slim = [x.title for x in report_cli.build(optuna.load_study(study_name="tiny", storage=url), dashboard=True).sections]
+    assert "Parameter importances" not in slim and "Optimization history" not in slim and len(slim) == 4
 
     class Parse(HTMLParser):
         def __init__(self):
