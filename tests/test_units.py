@@ -1,5 +1,6 @@
 """Unit tests of the search's plumbing: the budget, the storage wrapper, retries and the worker launcher."""
 
+import json
 import os
 import pickle
 import signal
@@ -147,46 +148,92 @@ def test_devices_are_dealt_round_robin_and_checked():
 
 
 class FakeProc:
-    def __init__(self, cmd, env, start_new_session, code=0, interrupt=False):
-        self.cmd, self.env, self.code, self.interrupt, self.signals = cmd, env, code, interrupt, []
-        self.pid = 1000 + len(FakeProc.started)
-        FakeProc.started.append(self)
+    """A worker as multiprocessing's fork server would start it: it records its target, signals and start."""
 
-    def wait(self, timeout=None):
+    def __init__(self, target, args, name, code=0, interrupt=False):
+        self.target, self.args, self.name, self.exitcode, self.interrupt = target, args, name, code, interrupt
+        self.pid, self.started, self.signals = 1000 + len(FakeContext.procs), False, []
+        FakeContext.procs.append(self)
+
+    def start(self):
+        self.started = True
+
+    def join(self, timeout=None):
         if self.interrupt and not self.signals:
             raise KeyboardInterrupt
-        return self.code
 
-    def poll(self):
-        return None
-
-    def send_signal(self, sig):
-        self.signals.append(sig)
+    def is_alive(self):
+        return not self.signals
 
     def kill(self):
         pass
 
 
-def test_launch_starts_one_pinned_worker_per_device_and_returns_the_worst_code(monkeypatch):
-    FakeProc.started = []
+class FakeContext:
+    procs: list[FakeProc] = []
+
+    def __init__(self, **proc_kwargs):
+        self.proc_kwargs, self.preload = proc_kwargs, None
+        FakeContext.procs = []
+
+    def set_forkserver_preload(self, modules):
+        self.preload = modules
+
+    def Process(self, target, args, name):  # noqa: N802 - multiprocessing's name
+        return FakeProc(target, args, name, **{k: v(len(FakeContext.procs)) for k, v in self.proc_kwargs.items()})
+
+
+def fake_context(monkeypatch, **proc_kwargs):
+    context = FakeContext(**proc_kwargs)
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context if method == "forkserver" else None)
+    monkeypatch.setattr(workers.os, "kill", lambda pid, sig: next(p for p in context.procs if p.pid == pid).signals.append(sig))
+    return context
+
+
+def test_launch_forks_one_pinned_worker_per_device_and_returns_the_worst_code(monkeypatch):
     monkeypatch.setattr(workers.os, "cpu_count", lambda: 4)
-    monkeypatch.setattr(workers.subprocess, "Popen",
-                        lambda cmd, env, start_new_session: FakeProc(cmd, env, start_new_session,
-                                                                     code=len(FakeProc.started)))
+    context = fake_context(monkeypatch, code=lambda i: [0, 1][i])
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
     assert workers.launch(args, ["cpu", "cpu"]) == 1
-    assert [p.cmd[1:3] for p in FakeProc.started] == [["-m", "search.run"]] * 2
-    assert [p.env["OMP_NUM_THREADS"] for p in FakeProc.started] == ["2", "2"]  # 4 cores, 2 CPU workers
-    assert [p.cmd[-1] for p in FakeProc.started] == ["run.device=cpu"] * 2
+    assert context.preload == ["search.run", "torch._dynamo"]  # imported once, in the fork server
+    assert all(p.started and p.target is workers.work for p in context.procs)
+    assert [p.args[1] for p in context.procs] == [2, 2]  # 4 cores, 2 CPU workers: 2 threads each
+    assert [p.args[0][-1] for p in context.procs] == ["run.device=cpu"] * 2
+    assert [make_parser().parse_args(p.args[0]).worker_index for p in context.procs] == [0, 1]
+
+
+def test_a_worker_killed_by_a_signal_is_a_failure_not_a_clean_exit(monkeypatch):
+    fake_context(monkeypatch, code=lambda i: [0, -9][i])
+    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
+    assert workers.launch(args, ["cpu", "cpu"]) == 137  # as a shell says it (128 + SIGKILL)
+
+
+def test_a_forked_worker_leads_its_own_session_with_its_share_of_threads_and_exits_with_mains_code(monkeypatch, tmp_path):
+    """``work`` in a real child (forked here, as the fork server forks it): ``search.run.main`` stands in."""
+    import multiprocessing
+
+    import search.run
+
+    def main(argv):
+        import torch
+
+        seen = [argv, torch.get_num_threads(), os.environ["OMP_NUM_THREADS"], os.getsid(0) == os.getpid()]
+        (tmp_path / "seen.json").write_text(json.dumps(seen))
+        return 7
+
+    monkeypatch.setattr(search.run, "main", main)
+    proc = multiprocessing.get_context("fork").Process(target=workers.work, args=(["--space", "s.yaml"], 3))
+    proc.start()
+    proc.join(timeout=60)
+    assert workers.exit_code(proc) == 7
+    assert json.loads((tmp_path / "seen.json").read_text()) == [["--space", "s.yaml"], 3, "3", True]
 
 
 def test_ctrl_c_in_the_launcher_sends_each_worker_one_sigint(monkeypatch):
-    FakeProc.started = []
-    monkeypatch.setattr(workers.subprocess, "Popen",
-                        lambda cmd, env, start_new_session: FakeProc(cmd, env, start_new_session, interrupt=True))
+    context = fake_context(monkeypatch, interrupt=lambda i: True)
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
     assert workers.launch(args, ["cpu", "cpu"]) == 130
-    assert [p.signals for p in FakeProc.started] == [[signal.SIGINT], [signal.SIGINT]]
+    assert [p.signals for p in context.procs] == [[signal.SIGINT], [signal.SIGINT]]
 
 
 def _state_with(directory, epochs):
