@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             from search.workers import launch
 
             study = create_study(space, storage, root)  # once, before the workers: creation races in SQLite
-            code = launch(args, worker_devices)
+            code = launch(main, args, worker_devices)
         elif args.backend == "ray":
             from search.ray_backend import run as run_ray
 

@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 
 from search.retry import Preempted, stopped_by
 from trainer.errors import UserError
@@ -57,13 +58,11 @@ def child_args(args: argparse.Namespace, index: int, device: str) -> list[str]:
     return [*out, "--worker-index", str(index), "--set", f"run.device={device}"]
 
 
-def work(argv: list[str], threads: int) -> None:
+def work(main: Callable[[list[str]], int], argv: list[str], threads: int) -> None:
     """One worker, in the fork server's child: a session of its own, its share of the cores."""
     os.setsid()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
-
-    from search.run import main
 
     torch.set_num_threads(threads)  # torch is imported already: the variable alone comes too late
     sys.exit(main(argv))
@@ -75,13 +74,14 @@ def exit_code(proc: multiprocessing.process.BaseProcess) -> int:
     return 128 - code if code is not None and code < 0 else code or 0
 
 
-def launch(args: argparse.Namespace, devices: list[str]) -> int:
-    """Run one worker per entry of ``devices`` until all end; the worst exit code (130 after Ctrl-C)."""
+def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: list[str]) -> int:
+    """Run ``main`` (``search.run``'s) as one worker per entry of ``devices`` until all end; the worst exit
+    code (130 after Ctrl-C)."""
     cpu_workers = sum(d in ("cpu", "auto") for d in devices) or 1
     threads = max(1, (os.cpu_count() or 1) // cpu_workers)  # no oversubscribed cores
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
-    procs = [context.Process(target=work, args=(child_args(args, i, device), threads), name=f"worker {i}")
+    procs = [context.Process(target=work, args=(main, child_args(args, i, device), threads), name=f"worker {i}")
              for i, device in enumerate(devices)]
     for p in procs:
         p.start()

@@ -14,6 +14,7 @@ from optuna.trial import TrialState, create_trial
 from search import compat, workers
 from search.budget import ask_within, budget_lock, claim_worker, remaining, used
 from search.retry import Requeue, requeue, retry_history
+from search.run import main as run_main
 from search.run import make_parser
 from search.storage import HeartbeatJournalStorage, artifact_location, open_storage, study_dir
 from trainer.errors import UserError
@@ -194,25 +195,23 @@ def test_launch_forks_one_pinned_worker_per_device_and_returns_the_worst_code(mo
     monkeypatch.setattr(workers.os, "cpu_count", lambda: 4)
     context = fake_context(monkeypatch, code=lambda i: [0, 1][i])
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
-    assert workers.launch(args, ["cpu", "cpu"]) == 1
+    assert workers.launch(run_main, args, ["cpu", "cpu"]) == 1
     assert context.preload == ["search.run", "torch._dynamo"]  # imported once, in the fork server
-    assert all(p.started and p.target is workers.work for p in context.procs)
-    assert [p.args[1] for p in context.procs] == [2, 2]  # 4 cores, 2 CPU workers: 2 threads each
-    assert [p.args[0][-1] for p in context.procs] == ["run.device=cpu"] * 2
-    assert [make_parser().parse_args(p.args[0]).worker_index for p in context.procs] == [0, 1]
+    assert all(p.started and p.target is workers.work and p.args[0] is run_main for p in context.procs)
+    assert [p.args[2] for p in context.procs] == [2, 2]  # 4 cores, 2 CPU workers: 2 threads each
+    assert [p.args[1][-1] for p in context.procs] == ["run.device=cpu"] * 2
+    assert [make_parser().parse_args(p.args[1]).worker_index for p in context.procs] == [0, 1]
 
 
 def test_a_worker_killed_by_a_signal_is_a_failure_not_a_clean_exit(monkeypatch):
     fake_context(monkeypatch, code=lambda i: [0, -9][i])
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
-    assert workers.launch(args, ["cpu", "cpu"]) == 137  # as a shell says it (128 + SIGKILL)
+    assert workers.launch(run_main, args, ["cpu", "cpu"]) == 137  # as a shell says it (128 + SIGKILL)
 
 
-def test_a_forked_worker_leads_its_own_session_with_its_share_of_threads_and_exits_with_mains_code(monkeypatch, tmp_path):
-    """``work`` in a real child (forked here, as the fork server forks it): ``search.run.main`` stands in."""
+def test_a_forked_worker_leads_its_own_session_with_its_share_of_threads_and_exits_with_mains_code(tmp_path):
+    """``work`` in a real child (forked here, as the fork server forks it), a stand-in for ``search.run.main``."""
     import multiprocessing
-
-    import search.run
 
     def main(argv):
         import torch
@@ -221,8 +220,7 @@ def test_a_forked_worker_leads_its_own_session_with_its_share_of_threads_and_exi
         (tmp_path / "seen.json").write_text(json.dumps(seen))
         return 7
 
-    monkeypatch.setattr(search.run, "main", main)
-    proc = multiprocessing.get_context("fork").Process(target=workers.work, args=(["--space", "s.yaml"], 3))
+    proc = multiprocessing.get_context("fork").Process(target=workers.work, args=(main, ["--space", "s.yaml"], 3))
     proc.start()
     proc.join(timeout=60)
     assert workers.exit_code(proc) == 7
@@ -232,7 +230,7 @@ def test_a_forked_worker_leads_its_own_session_with_its_share_of_threads_and_exi
 def test_ctrl_c_in_the_launcher_sends_each_worker_one_sigint(monkeypatch):
     context = fake_context(monkeypatch, interrupt=lambda i: True)
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
-    assert workers.launch(args, ["cpu", "cpu"]) == 130
+    assert workers.launch(run_main, args, ["cpu", "cpu"]) == 130
     assert [p.signals for p in context.procs] == [[signal.SIGINT], [signal.SIGINT]]
 
 
