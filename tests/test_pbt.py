@@ -212,7 +212,11 @@ def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_t
     assert all(t.state == TrialState.RUNNING for t in optuna.load_study(study_name="pop", storage=url).get_trials())
     saved = {int(d.name): len(load_history(d)) for d in (tmp_path / "pop" / "trials").glob("*")}
 
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    try:
+        again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)  # ~30 s alone
+    except subprocess.TimeoutExpired as hung:  # once in a loaded suite: say where the population stood
+        said = b"".join(part or b"" for part in (hung.stdout, hung.stderr)).decode(errors="replace")  # bytes, here
+        pytest.fail(f"the resumed population hung for {hung.timeout:.0f} s; its output ends:\n{said[-8000:]}")
     out = first + again.stdout + again.stderr
     assert again.returncode == 0, out
     assert "the population's driver died; members [0, 1] go on from their last checkpoints" in again.stdout
