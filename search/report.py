@@ -156,8 +156,9 @@ def summary(study: optuna.Study) -> list[tuple[str, str]]:
 
 
 def sections(study: optuna.Study, dashboard: bool = False) -> list[Section]:
-    """Every section, or with ``dashboard`` only those ``publish`` puts into the study: not the history and
-    the importances, which optuna-dashboard draws itself (fANOVA's forest takes seconds on a large study)."""
+    """Every section, or with ``dashboard`` only those ``publish`` puts into the study: not the history (or
+    Pareto front) and the importances, which optuna-dashboard draws itself (fANOVA's forest takes seconds on
+    a large study)."""
     metrics = study.user_attrs.get("metrics") or ["value"]
     multi = len(study.directions) > 1
     vis = optuna.visualization

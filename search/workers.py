@@ -2,8 +2,8 @@
 
 Each worker is a process of its own running ``search.run`` with the parent's flags (its own sampler seed
 stream, heartbeat and trial directory), pinned to one device through ``run.device``. The workers are forked
-from multiprocessing's fork server, which imports torch and the search once for all of them (~5 s of CPU a
-worker otherwise) and never touches a GPU. The workers run in sessions of their own, so Ctrl-C reaches only
+from multiprocessing's fork server, which imports torch, its compiler and the search once for all of them
+(~5 s of CPU a worker otherwise) and never touches a GPU. The workers run in sessions of their own, so Ctrl-C reaches only
 this parent, which passes exactly one SIGINT to each, and SIGTERM (a preemption) one SIGTERM to each: every
 worker queues its running trial again (it resumes from its last epoch on the next run) and exits, and the
 parent waits for them.
@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from multiprocessing import forkserver
 
 from search.retry import Preempted, stopped_by
 from trainer.errors import UserError
@@ -25,7 +26,9 @@ from trainer.errors import UserError
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 PARENT_ONLY = ("workers", "devices", "worker_index")  # what each child must not inherit: it is one worker
 FLAGS = {"overrides": "--set"}  # dests whose flag is not --<dest with dashes>
-PRELOAD = ["search.run", "torch._dynamo"]  # what each worker imports (torch.optim's first optimizer: dynamo)
+# what each worker imports (torch.optim's first optimizer imports dynamo)
+PRELOAD = ["search.run", "search.optuna_backend", "torch._dynamo"]
+STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
 def devices(spec: str | None, workers: int | None) -> list[str]:
@@ -59,12 +62,15 @@ def child_args(args: argparse.Namespace, index: int, device: str) -> list[str]:
 
 
 def work(main: Callable[[list[str]], int], argv: list[str], threads: int) -> None:
-    """One worker, in the fork server's child: a session of its own, its share of the cores."""
+    """One worker, in the fork server's child: a session of its own, its share of the cores, and what a
+    process of its own would have (SIGTERM's default action; multiprocessing's default start method, which
+    the fork server's child is set to forkserver, for its data loaders)."""
     os.setsid()
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    multiprocessing.set_start_method(None, force=True)
     import torch
 
-    torch.set_num_threads(threads)  # torch is imported already: the variable alone comes too late
+    torch.set_num_threads(threads)  # the server's libraries read OMP_NUM_THREADS (launch set it); torch's own
     sys.exit(main(argv))
 
 
@@ -74,17 +80,39 @@ def exit_code(proc: multiprocessing.process.BaseProcess) -> int:
     return 128 - code if code is not None and code < 0 else code or 0
 
 
+def start_server(threads: int) -> None:
+    """The fork server, importing ``PRELOAD`` with ``threads`` threads a library; it ignores SIGTERM, so a
+    SIGTERM to the process group (``timeout``, a scheduler) reaches this parent and the workers' handlers but
+    cannot end the server under them (when it ends, the workers look ended to this parent)."""
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    saved_threads, saved_term = os.environ.get("OMP_NUM_THREADS"), signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGTERM, saved_term)
+        if saved_threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_threads
+
+
 def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: list[str]) -> int:
     """Run ``main`` (``search.run``'s) as one worker per entry of ``devices`` until all end; the worst exit
     code (130 after Ctrl-C)."""
     cpu_workers = sum(d in ("cpu", "auto") for d in devices) or 1
     threads = max(1, (os.cpu_count() or 1) // cpu_workers)  # no oversubscribed cores
+    start_server(threads)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
     procs = [context.Process(target=work, args=(main, child_args(args, i, device), threads), name=f"worker {i}")
              for i, device in enumerate(devices)]
-    for p in procs:
-        p.start()
+    # a Ctrl-C or SIGTERM while a worker is forked would leave it running with no pid known here: both wait
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # raised here if one came meanwhile
     print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
           f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
     try:

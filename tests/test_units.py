@@ -174,11 +174,8 @@ class FakeContext:
     procs: list[FakeProc] = []
 
     def __init__(self, **proc_kwargs):
-        self.proc_kwargs, self.preload = proc_kwargs, None
+        self.proc_kwargs, self.threads = proc_kwargs, None
         FakeContext.procs = []
-
-    def set_forkserver_preload(self, modules):
-        self.preload = modules
 
     def Process(self, target, args, name):  # noqa: N802 - multiprocessing's name
         return FakeProc(target, args, name, **{k: v(len(FakeContext.procs)) for k, v in self.proc_kwargs.items()})
@@ -186,6 +183,7 @@ class FakeContext:
 
 def fake_context(monkeypatch, **proc_kwargs):
     context = FakeContext(**proc_kwargs)
+    monkeypatch.setattr(workers, "start_server", lambda threads: setattr(context, "threads", threads))
     monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context if method == "forkserver" else None)
     monkeypatch.setattr(workers.os, "kill", lambda pid, sig: next(p for p in context.procs if p.pid == pid).signals.append(sig))
     return context
@@ -196,7 +194,7 @@ def test_launch_forks_one_pinned_worker_per_device_and_returns_the_worst_code(mo
     context = fake_context(monkeypatch, code=lambda i: [0, 1][i])
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
     assert workers.launch(run_main, args, ["cpu", "cpu"]) == 1
-    assert context.preload == ["search.run", "torch._dynamo"]  # imported once, in the fork server
+    assert context.threads == 2  # the fork server's libraries: 4 cores, 2 CPU workers
     assert all(p.started and p.target is workers.work and p.args[0] is run_main for p in context.procs)
     assert [p.args[2] for p in context.procs] == [2, 2]  # 4 cores, 2 CPU workers: 2 threads each
     assert [p.args[1][-1] for p in context.procs] == ["run.device=cpu"] * 2
@@ -209,22 +207,29 @@ def test_a_worker_killed_by_a_signal_is_a_failure_not_a_clean_exit(monkeypatch):
     assert workers.launch(run_main, args, ["cpu", "cpu"]) == 137  # as a shell says it (128 + SIGKILL)
 
 
-def test_a_forked_worker_leads_its_own_session_with_its_share_of_threads_and_exits_with_mains_code(tmp_path):
-    """``work`` in a real child (forked here, as the fork server forks it), a stand-in for ``search.run.main``."""
+def stand_in_main(argv: list[str]) -> int:
+    """``search.run.main`` for a real fork server's worker: writes what the worker was given, exits with its
+    index (module-level: the server unpickles it by name, as it does the real one)."""
     import multiprocessing
 
-    def main(argv):
-        import torch
+    import torch
 
-        seen = [argv, torch.get_num_threads(), os.environ["OMP_NUM_THREADS"], os.getsid(0) == os.getpid()]
-        (tmp_path / "seen.json").write_text(json.dumps(seen))
-        return 7
+    args = make_parser().parse_args(argv)
+    seen = [torch.get_num_threads(), os.environ["OMP_NUM_THREADS"], os.getsid(0) == os.getpid(),
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, multiprocessing.get_start_method()]
+    (args.study_dir / f"{args.worker_index}.json").write_text(json.dumps(seen))
+    return args.worker_index
 
-    proc = multiprocessing.get_context("fork").Process(target=workers.work, args=(main, ["--space", "s.yaml"], 3))
-    proc.start()
-    proc.join(timeout=60)
-    assert workers.exit_code(proc) == 7
-    assert json.loads((tmp_path / "seen.json").read_text()) == [["--space", "s.yaml"], 3, "3", True]
+
+def test_workers_forked_by_the_server_lead_their_own_sessions_like_processes_of_their_own(tmp_path, monkeypatch):
+    """A real fork server: each worker runs in a session of its own, with its share of the cores, SIGTERM's
+    default action and the platform's start method for its own children; the worst exit code comes back."""
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 2)
+    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2", "--study-dir", str(tmp_path)])
+    assert workers.launch(stand_in_main, args, ["cpu", "cpu"]) == 1
+    for index in (0, 1):
+        threads, variable, *rest = json.loads((tmp_path / f"{index}.json").read_text())
+        assert threads == 1 and variable == "1" and rest == [True, True, "fork"]
 
 
 def test_ctrl_c_in_the_launcher_sends_each_worker_one_sigint(monkeypatch):
