@@ -162,11 +162,12 @@ def sections(study: optuna.Study, dashboard: bool = False) -> list[Section]:
     metrics = study.user_attrs.get("metrics") or ["value"]
     multi = len(study.directions) > 1
     vis = optuna.visualization
-    out = [] if dashboard else [Section("Pareto front", f"Each dot is a trial's {' and '.join(metrics)}; the front holds the trials "
-                   "no other trial beats in every objective.", vis.plot_pareto_front(study, target_names=metrics))
-           if multi else
-           Section("Optimization history", f"Each dot is a trial's final {metrics[0]}; the line is the best so far.",
-                   vis.plot_optimization_history(study, target_name=metrics[0]))]
+    out = [] if dashboard else [
+        Section("Pareto front", f"Each dot is a trial's {' and '.join(metrics)}; the front holds the trials no "
+                "other trial beats in every objective.", vis.plot_pareto_front(study, target_names=metrics))
+        if multi else
+        Section("Optimization history", f"Each dot is a trial's final {metrics[0]}; the line is the best so far.",
+                vis.plot_optimization_history(study, target_name=metrics[0]))]
     full = [t for t in study.get_trials(deepcopy=False) if is_full(t)]
     if not full:
         return out + [Section("Trials", "No trial has completed all its epochs yet.")]

@@ -111,11 +111,9 @@ def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: 
     try:
         for p in procs:
             p.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # raised here if one came meanwhile
-    print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
-          f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
-    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came meanwhile is raised here, and stops them
+        print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
+              f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
         for p in procs:
             p.join()
         return max(exit_code(p) for p in procs)
@@ -131,3 +129,5 @@ def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: 
                 p.kill()
                 p.join()
         return code
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # also when a start failed

@@ -286,7 +286,8 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     # the search's end publishes from the dashboard's sections only (no history, no importances): the same
     # note and figures as the report's full build
     assert dashboard() == published
-    slim = [x.title for x in report_cli.build(optuna.load_study(study_name="tiny", storage=url), dashboard=True).sections]
+    study = optuna.load_study(study_name="tiny", storage=url)
+    slim = [x.title for x in report_cli.build(study, dashboard=True).sections]
     assert "Parameter importances" not in slim and "Optimization history" not in slim and len(slim) == 4
 
     class Parse(HTMLParser):
@@ -309,7 +310,6 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
 
     page = Parse()
     page.feed(out.read_text())
-    study = optuna.load_study(study_name="tiny", storage=url)
     best = select(study)[0]
     headed = bool(best.user_attrs["config"]["heads"]["exits"])
     assert page.headings == [

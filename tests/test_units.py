@@ -149,15 +149,16 @@ def test_devices_are_dealt_round_robin_and_checked():
 
 
 class FakeProc:
-    """A worker as multiprocessing's fork server would start it: it records its target, signals and start."""
+    """A worker as multiprocessing's fork server would start it: it records its target, signals and start;
+    ``on_start`` runs when it starts (a signal arriving then, say)."""
 
-    def __init__(self, target, args, name, code=0, interrupt=False):
-        self.target, self.args, self.name, self.exitcode, self.interrupt = target, args, name, code, interrupt
-        self.pid, self.started, self.signals = 1000 + len(FakeContext.procs), False, []
-        FakeContext.procs.append(self)
+    def __init__(self, pid, target, args, name, code=0, interrupt=False, on_start=lambda: None):
+        self.pid, self.target, self.args, self.name, self.exitcode = pid, target, args, name, code
+        self.interrupt, self.on_start, self.started, self.signals = interrupt, on_start, False, []
 
     def start(self):
         self.started = True
+        self.on_start()
 
     def join(self, timeout=None):
         if self.interrupt and not self.signals:
@@ -171,14 +172,16 @@ class FakeProc:
 
 
 class FakeContext:
-    procs: list[FakeProc] = []
+    """multiprocessing's forkserver context; ``proc_kwargs`` are functions of the worker's index."""
 
     def __init__(self, **proc_kwargs):
-        self.proc_kwargs, self.threads = proc_kwargs, None
-        FakeContext.procs = []
+        self.proc_kwargs, self.threads, self.procs = proc_kwargs, None, []
 
     def Process(self, target, args, name):  # noqa: N802 - multiprocessing's name
-        return FakeProc(target, args, name, **{k: v(len(FakeContext.procs)) for k, v in self.proc_kwargs.items()})
+        index = len(self.procs)
+        self.procs.append(FakeProc(1000 + index, target, args, name,
+                                   **{k: v(index) for k, v in self.proc_kwargs.items()}))
+        return self.procs[-1]
 
 
 def fake_context(monkeypatch, **proc_kwargs):
@@ -230,6 +233,21 @@ def test_workers_forked_by_the_server_lead_their_own_sessions_like_processes_of_
     for index in (0, 1):
         threads, variable, *rest = json.loads((tmp_path / f"{index}.json").read_text())
         assert threads == 1 and variable == "1" and rest == [True, True, "fork"]
+
+
+def test_a_ctrl_c_while_the_workers_are_forked_waits_for_their_pids_then_stops_them(monkeypatch):
+    """SIGINT comes while the first worker is being started: it is held until both have pids, then raised
+    where the launcher stops its workers (not above it, which would leave them running)."""
+    context = fake_context(monkeypatch, on_start=lambda i: (lambda: signal.raise_signal(signal.SIGINT)) if i == 0
+                           else (lambda: None))
+    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
+    try:
+        code = workers.launch(run_main, args, ["cpu", "cpu"])
+    except KeyboardInterrupt:  # pytest would take it as the end of the session
+        pytest.fail("the Ctrl-C escaped the launcher")
+    assert code == 130 and all(p.started for p in context.procs)
+    assert [p.signals for p in context.procs] == [[signal.SIGINT], [signal.SIGINT]]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again
 
 
 def test_ctrl_c_in_the_launcher_sends_each_worker_one_sigint(monkeypatch):
