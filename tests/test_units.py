@@ -241,10 +241,14 @@ def test_a_ctrl_c_while_the_workers_are_forked_waits_for_their_pids_then_stops_t
     context = fake_context(monkeypatch, on_start=lambda i: (lambda: signal.raise_signal(signal.SIGINT)) if i == 0
                            else (lambda: None))
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
+    # Python's own SIGINT handler, as under a terminal: a shell starts a background job with SIGINT ignored
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = workers.launch(run_main, args, ["cpu", "cpu"])
     except KeyboardInterrupt:  # pytest would take it as the end of the session
         pytest.fail("the Ctrl-C escaped the launcher")
+    finally:
+        signal.signal(signal.SIGINT, saved)
     assert code == 130 and all(p.started for p in context.procs)
     assert [p.signals for p in context.procs] == [[signal.SIGINT], [signal.SIGINT]]
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again
