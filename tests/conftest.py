@@ -15,20 +15,27 @@ sys.path.insert(0, str(ROOT))
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "long(seconds): starts search processes, Ray or a compiler, or waits "
-                            "for a heartbeat to go stale (then the other worker keeps the cores busy); runs first, "
+    config.addinivalue_line("markers", "long(seconds): starts search processes, Ray or a compiler; runs first, "
                             "the longest (seconds it took alone on 2 cores) first")
+    config.addinivalue_line("markers", "waits: sleeps while a heartbeat goes stale or a bound passes; runs beside "
+                            "the first long tests, whose processes keep both cores busy meanwhile")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long tests first, longest first: with ``--maxschedchunk 1`` each worker takes the next test when
-    it is free, so the workers end together (longest-first scheduling)."""
+    it is free, so the workers end together (longest-first scheduling). The waiting tests come right after the
+    first long test of each worker: one worker sleeps through them while the other's processes fill both cores
+    (run side by side, two of them left both cores idle for 10 s)."""
 
     def seconds(item: pytest.Item) -> float:
         mark = item.get_closest_marker("long")
         return -1 if mark is None else mark.args[0] if mark.args else 0
 
     items.sort(key=seconds, reverse=True)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    waiting = [item for item in items if item.get_closest_marker("waits")]
+    rest = [item for item in items if not item.get_closest_marker("waits")]
+    items[:] = rest[:workers] + waiting + rest[workers:]
 
 
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"

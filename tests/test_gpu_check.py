@@ -96,6 +96,7 @@ def test_the_page_shows_the_newest_gpu_run_or_says_there_is_none(smoke: tuple[di
     assert all(Table.from_dict(t).markdown() in text for t in record["tables"])
 
 
+@pytest.mark.waits  # for each stage's bound to pass
 def test_a_stage_is_stopped_at_its_bound_and_a_failing_one_does_not_end_the_run(tmp_path: Path) -> None:
     run = gpu.Run(torch.device("cpu"), False, tmp_path)
 

@@ -464,7 +464,7 @@ def test_a_full_disk_queues_the_trial_again_and_the_worker_exits_2_in_one_line(t
     assert done[1].user_attrs["starts"] == [0, 1]  # resumed after the epoch that was written
 
 
-@pytest.mark.long(7)  # waits for a heartbeat to go stale
+@pytest.mark.waits  # for a heartbeat to go stale
 def test_a_storage_that_cannot_be_written_is_one_line_and_the_trial_is_retried(tmp_path, capsys, monkeypatch):
     """The SQLite file's disk is full at the tell: one line, exit 2; the trial stays RUNNING with no beat and
     the next run judges it stale and retries it."""
@@ -486,7 +486,7 @@ def test_a_storage_that_cannot_be_written_is_one_line_and_the_trial_is_retried(t
     assert [t.state for t in trials(url)] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
-@pytest.mark.long(3)  # waits for a heartbeat to go stale
+@pytest.mark.waits  # for a heartbeat to go stale
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_a_trial_that_never_beat_is_judged_stale_and_used_up_retries_say_so(tmp_path, kind, capsys):
     """A RUNNING trial with no heartbeat at all (its worker died between ask and first beat) is stale once the
@@ -515,7 +515,7 @@ def test_a_trial_that_never_beat_is_judged_stale_and_used_up_retries_say_so(tmp_
     assert len(study.get_trials()) == 2  # no third copy
 
 
-@pytest.mark.long(7)  # waits for a heartbeat to go stale
+@pytest.mark.waits  # for a heartbeat to go stale
 def test_a_worker_drops_the_checkpoints_of_a_trial_whose_retries_are_used_up(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/d.db"
     space = space_file(tmp_path, epochs=1, study=", max_retry: 0")
