@@ -23,9 +23,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The long tests first, longest first: with ``--maxschedchunk 1`` each worker takes the next test when
-    it is free, so the workers end together (longest-first scheduling). The waiting tests come right after the
-    first long test of each worker: one worker sleeps through them while the other's processes fill both cores
-    (run side by side, two of them left both cores idle for 10 s)."""
+    it is free, so the workers end together (longest-first scheduling). The waiting tests come right after one
+    long test per worker: pytest-xdist starts each worker on two tests, so the first worker gets the two longest
+    and the second sleeps through the waiting ones beside them (side by side, two of them had left both cores
+    idle for 10 s)."""
 
     def seconds(item: pytest.Item) -> float:
         mark = item.get_closest_marker("long")
