@@ -4,13 +4,13 @@
                                     [--timesteps 4] [--size 8] [--steps 20] [--rounds 5] [--device auto]
                                     [--compile-backend inductor] [--set KEY=VALUE]
 
-A step is ``trainer.fit.step_loss`` (forward, shortcut loss) plus backward and an AdamW update, on
-random images of ``--size`` pixels (8: the digits default), for the config's net without heads and
-with its heads (its exits that the arch has, its head design). The first compiled call's time is the
-compilation (warm or cold: it depends on inductor's cache in ~/.cache/snn-search/inductor). Eager and
-compiled steps then take turns for ``--rounds`` rounds of ``--steps`` steps, so drift in machine speed
-cancels out: each time is the median over rounds of a round's median step, and compiled / eager the
-median over rounds of the two within one round.
+A step is ``trainer.fit.step_loss`` (forward, shortcut loss) plus backward and an AdamW update, on random
+images of ``--size`` pixels (8: the digits default), for the config's net without heads and with its heads
+(its exits that the arch has, its head design). The first compiled call's time is the compilation (warm or
+cold: it depends on inductor's cache, TORCHINDUCTOR_CACHE_DIR or /tmp/torchinductor_<user>). Eager and
+compiled steps then take turns for ``--rounds`` rounds of ``--steps`` steps, so drift in machine speed cancels
+out: each time is the median over rounds of a round's median step, and compiled / eager the median over rounds
+of the two within one round.
 """
 
 from __future__ import annotations

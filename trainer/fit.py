@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
@@ -147,10 +146,9 @@ INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"layout_optimization": Fa
 def compiled_step(device_type: str) -> Callable:
     """``step_loss`` compiled, once per process and device type: the net is an argument, so the trials of a
     worker reuse the code for every model of the same shape (lambda is a tensor: its values never recompile),
-    and inductor's cache in ``~/.cache/snn-search/inductor`` (or ``TORCHINDUCTOR_CACHE_DIR``) starts later
-    processes warm. Static shapes: a ragged last batch compiles once more, and inductor's dynamic-shape
+    and inductor's own cache (``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``) starts
+    later processes warm. Static shapes: a ragged last batch compiles once more, and inductor's dynamic-shape
     path, which failed on this step (``cannot determine truth value of Relational``), is never taken."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "snn-search" / "inductor"))
     return torch.compile(step_loss, dynamic=False, options=INDUCTOR_OPTIONS.get(device_type))
 
 
