@@ -9,6 +9,7 @@ and then this worker may be the one that resumes them.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from functools import partial
@@ -22,13 +23,13 @@ from search import compat
 from search.budget import Heartbeat, ask_within, claim_worker, is_baseline
 from search.progress import EpochProgress, TrialLine
 from search.remote import RemoteState, drop
-from search.retry import stopped_by
 from search.pruners import make_pruner
 from search.samplers import Grid, make_sampler
 from search.space import Space, suggest
-from search.storage import artifact_store, fail_stale, heartbeat_enabled, study_dir
+from search.storage import artifact_store, cause, fail_stale, heartbeat_enabled, study_dir
 from search.study import BASELINE, create_study
 from search.trial import Outcome, TrialRecord, directories, drop_checkpoints, finish, run_trial, trial_dir
+from trainer import stop
 from trainer.errors import UserError
 from trainer.fit import EpochReport
 
@@ -68,6 +69,7 @@ class Worker:
         study, s = self.study, self.space.study
         started, announced = time.perf_counter(), False
         while timeout is None or time.perf_counter() - started < timeout:
+            stop.check()  # between trials: nothing of a trial is under way
             queued, exhausted = fail_stale(study)
             if queued:
                 self.say(f"trials {queued} stopped beating (their worker died): failed, and queued again "
@@ -81,6 +83,8 @@ class Worker:
             if _exhausted(study):
                 self.say("grid exhausted: every point of the grid has run")
                 break
+            stop.point("ask")
+            stop.check()
             trial = ask_within(study, self.storage, self.url, s.n_trials)
             if trial is None:
                 if not _others_running(study):
@@ -95,8 +99,7 @@ class Worker:
             try:
                 ended = self.run_one(trial)
             except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
-                reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0][:200]
-                raise UserError(f"storage {self.url}: cannot write ({reason}); trial {trial.number} stays RUNNING "
+                raise UserError(f"storage {self.url}: cannot write ({cause(err)}); trial {trial.number} stays RUNNING "
                                 f"until its heartbeat goes stale, and the next run retries it") from None
             self.line(study, ended)
         if not announced:
@@ -104,11 +107,13 @@ class Worker:
         return study
 
     def run_one(self, trial: optuna.Trial) -> FrozenTrial:
+        """Train and end one asked trial. A stop signal, seen at any safe point from the ask on, ends it
+        through ``finish`` (FAIL, a copy queued that resumes from its last epoch) and raises ``Stopped``."""
         study, single = self.study, len(self.space.study.metrics) == 1
+        stop.point("asked")
         frozen = compat.frozen(study, trial)
         directory, earlier = directories(self.root, frozen)
         starts = frozen.user_attrs.get("starts", []) if earlier else []  # a retry inherits the original's attrs
-        trial.set_user_attr("worker", self.name)
         reference = is_baseline(frozen)
         uploads = RemoteState(self.artifacts, self.space.study.checkpoint_every, self.epochs.warn)
 
@@ -125,23 +130,28 @@ class Worker:
 
         with Heartbeat(self.storage, compat.trial_id(trial), trial.number):  # from before the first suggestion
             try:
-                values = BASELINE if reference else suggest(trial, self.space.params)
-            except Exception as err:  # noqa: BLE001 - a sampler that cannot draw fails this trial, not the worker
-                return finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"cannot sample the params "
-                              f"({type(err).__name__}: {str(err)[:200]})"), directory, self.artifacts)
-            try:
-                outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs, starts,
-                                    fetch=partial(uploads.fetch, frozen.user_attrs) if earlier else None)
-            except KeyboardInterrupt as stop:
-                why = stopped_by(stop)[0]
+                trial.set_user_attr("worker", self.name)
+                stop.check()
+                try:
+                    values = BASELINE if reference else suggest(trial, self.space.params)
+                except Exception as err:  # noqa: BLE001 - a sampler that cannot draw fails this trial, not the worker
+                    outcome = Outcome(TrialState.FAIL, [], fail_reason=f"cannot sample the params "
+                                      f"({type(err).__name__}: {str(err)[:200]})")
+                else:
+                    outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs,
+                                        starts, fetch=partial(uploads.fetch, frozen.user_attrs) if earlier else None)
+            except KeyboardInterrupt as err:  # Stopped at a safe point, or a second Ctrl-C mid-computation
+                signum = err.signum if isinstance(err, stop.Stopped) else signal.SIGINT
+                why = stop.WHY[signum]
                 finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"{why}; queued again",
                                              requeue=True), directory, self.artifacts)
                 self.say(f"trial {trial.number} {why}: queued again, resumes from {directory / 'last.pt'}")
-                raise
+                raise stop.Stopped(signum) from None
         ended = finish(study, trial, outcome, directory, self.artifacts)
-        if outcome.stop:
-            raise UserError(f"trial {trial.number}: {outcome.fail_reason} (free space under {self.root}, then "
-                            f"run the same command again)")
+        problem = outcome.fail_reason if outcome.stop else ended.user_attrs.get("file_error")
+        if problem:
+            raise UserError(f"trial {trial.number}: {problem} (make {self.root} writable, or free space there, "
+                            f"then run the same command again)")
         return ended
 
 

@@ -104,6 +104,17 @@ def scheduler(space: Space) -> Any:
                     compat.forget_stale_stop(tune_controller, member)
                 return decision
 
+            def choose_trial_to_run(self, tune_controller: Any) -> Any:
+                """Also a paused member when none runs: it waits for a perturbation that no member can
+                bring any more. A resumed population's members start at different epochs, and one that
+                ends (its last epoch) before the scheduler saw it reach the sync point leaves the others
+                paused for ever (seen in the population test's resumed run)."""
+                chosen = super().choose_trial_to_run(tune_controller)
+                trials = tune_controller.get_trials()
+                if chosen is None and not any(t.status == "RUNNING" for t in trials):
+                    chosen = next((t for t in trials if t.status in ("PAUSED", "PENDING")), None)
+                return chosen
+
         return Synchronous
 
     if space.study.sampler == "pb2":  # PBT whose new values come from a Gaussian-process bandit

@@ -20,6 +20,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # keep relative data paths working in trials
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each trial's epoch lines are its own, not repeats of another's
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C sets trainer.stop's flag, as SIGTERM does
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
@@ -39,6 +40,7 @@ from search.space import Param, Space, suggest  # noqa: E402
 from search.storage import artifact_store, study_dir  # noqa: E402
 from search.study import BASELINE, create_study  # noqa: E402
 from search.trial import Outcome, TrialRecord, directories, finish, run_trial, trial_dir  # noqa: E402
+from trainer import stop  # noqa: E402
 from trainer.checkpoint import STATE_FILE, load_history  # noqa: E402
 from trainer.files import atomic_write  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
@@ -241,8 +243,42 @@ def requeue_orphans(study: optuna.Study, max_retry: int) -> list[int]:
     orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                if t.user_attrs.get("backend") == "ray"]
     for t in orphans:
+        compat.storage(study).set_trial_user_attr(compat.trial_id(t), "fail_reason",
+                                                  "its Ray driver died; queued again")
         requeue(study, t, max_retry)
     return [t.number for t in orphans]
+
+
+class StopSignal(tune.Stopper):
+    """Ends the whole experiment at the stop flag (``trainer.stop``), checked between Tune's steps; with
+    ``epochs``, also each trial after that many epochs."""
+
+    def __init__(self, epochs: int | None = None) -> None:
+        self.epochs = epochs
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return self.epochs is not None and result.get("epochs_run", 0) >= self.epochs
+
+    def stop_all(self) -> bool:
+        return bool(stop.requested())
+
+
+def end_stopped(study: optuna.Study, root: Path, artifacts: Any, population: bool) -> None:
+    """After a stop signal, raise ``Stopped``: Tune stopped its trials without ending them, so each Ray
+    trial still RUNNING ends here through ``finish`` (FAIL, a copy queued that resumes from its last.pt),
+    or, a population's member, stays RUNNING to go on from its last.pt on the next run."""
+    signum = stop.requested()
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.user_attrs.get("backend") == "ray"]
+    if population:
+        print(f"{stop.WHY[signum]}: members {running} go on from their last checkpoints on the next run", flush=True)
+    else:
+        for number in running:
+            finish(study, compat.live_trial(study, number), Outcome(
+                TrialState.FAIL, [], fail_reason=f"{stop.WHY[signum]}; queued again", requeue=True),
+                trial_dir(root, number), artifacts)
+        print(f"{stop.WHY[signum]}: trials {running} queued again; they resume from their last epoch", flush=True)
+    raise stop.Stopped(signum)
 
 
 def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,
@@ -313,14 +349,20 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
         run_config=tune.RunConfig(
             name=s.name, storage_path=str(experiment.parent), verbose=0, callbacks=[Report(), *callbacks],
             # a member's last epoch ends it: PBT would otherwise copy another member's last epoch into it
-            stop={"epochs_run": epochs} if pbt_run else None,
+            stop=StopSignal(epochs if pbt_run else None),
             # PBT copies a member's checkpoint of its last result, which may be epochs behind its newest
             checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_KEEP if pbt_run else 1),
             failure_config=tune.FailureConfig(max_failures=s.max_retry),  # restarts resume
         ),
     )
     print(f"study {s.name!r}: {what}", flush=True)
-    return _fit(tuner, study)
+    try:
+        tuner.fit()
+    finally:
+        ray.shutdown()
+    if stop.requested():
+        end_stopped(study, root, artifacts, pbt_run)
+    return study
 
 
 def _init(address: str | None) -> None:
@@ -331,11 +373,4 @@ def _init(address: str | None) -> None:
         # without --address a Ray of its own, even where `ray start` left one running: "local"
         ray.init(address=address or "local", include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": chdir}, **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
-
-
-def _fit(tuner: tune.Tuner, study: optuna.Study) -> optuna.Study:
-    try:
-        tuner.fit()
-    finally:
-        ray.shutdown()
-    return study
+        stop.install()  # ray.init made SIGTERM exit at whatever line the driver is on

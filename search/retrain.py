@@ -24,6 +24,7 @@ def final_config(path: Path, overrides: list[str], out_dir: Path):
     data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a trainer config mapping")
+    build(data, str(path))  # the file as written, as the trainer validates any config: final must not hide a bad value
     data = with_values(data, (data.get("provenance") or {}).get("final") or {})
     set_dotted(data, "data.val_fraction", 0)  # train + validation
     for item in overrides:

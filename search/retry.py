@@ -10,13 +10,15 @@ of those attempts into its own directory and continues from the last finished ep
 from __future__ import annotations
 
 import copy
-import signal
 import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import compat
+
+
+ATTEMPT_ATTRS = ("fail_reason", "file_error")  # what one attempt says of its own ending: never copied
 
 
 def retry_history(trial: FrozenTrial) -> list[int]:
@@ -31,30 +33,11 @@ def requeue(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> b
     if trial.state == TrialState.RUNNING:
         storage.set_trial_state_values(compat.trial_id(trial), TrialState.FAIL)
     trial = copy.deepcopy(trial)  # the callback appends to the trial's own retry_history list
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the copy's own
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}  # the copy's own
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
     return max_retry is None or len(retry_history(trial)) <= max_retry  # the callback appended this attempt
-
-
-class Preempted(KeyboardInterrupt):
-    """SIGTERM, as a preemption sends before SIGKILL: handled as Ctrl-C is (the running trial is queued
-    again and resumes from its last finished epoch), but the process exits 143."""
-
-
-def stopped_by(stop: KeyboardInterrupt) -> tuple[str, int]:
-    """(what stopped the process, its exit code): a preemption's SIGTERM (143) or Ctrl-C (130)."""
-    return ("preempted (SIGTERM)", 143) if isinstance(stop, Preempted) else ("interrupted (Ctrl-C)", 130)
-
-
-def on_sigterm() -> None:
-    """From now on SIGTERM raises ``Preempted`` in the main thread."""
-
-    def preempted(signum: int, frame: object) -> None:
-        raise Preempted("preempted (SIGTERM)")
-
-    signal.signal(signal.SIGTERM, preempted)
 
 
 class Requeue:

@@ -2,8 +2,9 @@
 
 Re-running the same command resumes the study: trials that a killed or interrupted worker left behind
 continue from their last finished epoch, and the study is topped up to ``study.n_trials`` trials.
-Bad input exits with code 2 and a one-line error before the study is touched; Ctrl-C exits with 130 and
-SIGTERM (a preemption) with 143, each after queueing the running trials again.
+Bad input exits with code 2 and a one-line error before the study is touched. Ctrl-C exits with 130 and
+SIGTERM (a preemption) with 143: the signal is a flag (``trainer.stop``), the running trials end at the
+next batch, are queued again and resume from their last finished epoch.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.retry import on_sigterm, stopped_by
 from search.space import Space, load_space
 from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir
+from trainer import stop
 from trainer.errors import Parser, UserError, command
 
 
@@ -83,6 +84,17 @@ def check(args: argparse.Namespace) -> Space:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    with stop.handling():
+        try:
+            return search(args)
+        except stop.Stopped as err:
+            if args.worker_index is None:  # a worker's parent says it once
+                print(f"{err.why}: run the same command again to resume", file=sys.stderr, flush=True)
+            return err.code
+
+
+def search(args: argparse.Namespace) -> int:
+    """The command, with stop signals as a flag: ``Stopped`` comes out of a safe point."""
     space = check(args)
     from search.workers import devices
 
@@ -92,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     for device in {space.config({}).run.device, *worker_devices}:
         check_device(device)  # before the study: a missing GPU would fail every trial
     url = args.storage or space.study.storage or default_url(space.study.name)
+    try:
+        storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
+    except UserError as err:
+        raise (UserError(f"{args.space}: study.storage: {err}") if url == space.study.storage else err) from None
     root = args.study_dir or study_dir(url, space.study.name)
-    storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
     artifact_store(artifact_location(space.study.artifacts, root))  # a missing package fails here
     space.study.n_trials = args.n_trials or space.study.n_trials  # the budget; TPE sizes its start-up by it
     timeout = args.timeout or space.study.timeout
@@ -103,39 +118,42 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the parent said it; keep the bars clean
-    on_sigterm()
-    try:
-        if args.worker_index is None:
-            print(f"storage: {url}", flush=True)
-            print(lengths(space), flush=True)
-        if len(worker_devices) > 1:
-            from search.workers import launch
+    else:
+        print(f"storage: {url}", flush=True)
+        print(lengths(space), flush=True)
+    stop.check()
+    code = 0
+    if len(worker_devices) > 1:
+        from search.workers import launch
 
-            study = create_study(space, storage, root)  # once, before the workers: creation races in SQLite
-            code = launch(main, args, worker_devices)
-        elif args.backend == "ray":
-            from search.ray_backend import run as run_ray
+        study = create_study(space, storage, root)  # once, before the workers: creation races in SQLite
+        code = launch(main, args, worker_devices)
+        if stop.requested():
+            why = stop.WHY[stop.requested()]
+            print(f"{why}: run the same command again to resume", file=sys.stderr, flush=True)
+            return max(code, 128 + stop.requested())  # the worst of this process's and its workers'
+        if code and unfinished(study):
+            return code
+    elif args.backend == "ray":
+        from search.ray_backend import run as run_ray
 
-            study = run_ray(space, storage, url, timeout, args.address, args.cpus_per_trial,
-                            args.gpus_per_trial, args.max_concurrent, root)
-        else:
-            from search.optuna_backend import run
+        study = run_ray(space, storage, url, timeout, args.address, args.cpus_per_trial,
+                        args.gpus_per_trial, args.max_concurrent, root)
+    else:
+        from search.optuna_backend import run
 
-            if worker_devices:
-                space.base = {**space.base, "run": {**space.base.get("run", {}), "device": worker_devices[0]}}
-            tag = "" if args.worker_index is None else f"w{args.worker_index} "
-            study = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
-    except KeyboardInterrupt as stop:
-        why, code = stopped_by(stop)
-        print(f"{why}: run the same command again to resume", file=sys.stderr, flush=True)
-        return code
+        if worker_devices:
+            space.base = {**space.base, "run": {**space.base.get("run", {}), "device": worker_devices[0]}}
+        tag = "" if args.worker_index is None else f"w{args.worker_index} "
+        study = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
     if args.worker_index is not None:
         return 0
-    if len(worker_devices) > 1 and code:
-        return code
     from search.report import build, publish
 
-    publish(study, build(study, dashboard=True))  # the summary and the SNN figures, for optuna-dashboard
+    stop.point("report")
+    report = build(study, dashboard=True)
+    stop.check()  # the report is published whole or not at all; `snn-search report` writes it later
+    publish(study, report)  # the summary and the SNN figures, for optuna-dashboard
     name = space.study.name
     dashboard = url.removeprefix("journal:")  # optuna-dashboard reads a journal file by its path
     artifacts = study.user_attrs["artifacts"]
@@ -144,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done. browse: optuna-dashboard {dashboard}  (the study's note and figures say what the heads did)\n"
           f"export: snn-search export --study {name} --storage {url}\n"
           f"report: snn-search report --study {name} --storage {url}", flush=True)
-    return 0
+    return code
+
+
+def unfinished(study) -> bool:
+    """Trials still RUNNING or WAITING: the workers that ended left work undone."""
+    from optuna.trial import TrialState
+
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
 
 
 if __name__ == "__main__":

@@ -138,9 +138,20 @@ def open_storage(url: str, heartbeat: int = 10, max_retry: int | None = 2) -> op
                                   engine_kwargs={"connect_args": connect.get(backend, {}), "pool_pre_ping": True})
             except (SQLAlchemyError, ImportError) as err:
                 if attempt == 2 or isinstance(err, ImportError):
-                    reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-                    raise UserError(f"storage {url}: cannot open ({reason})") from None
+                    raise UserError(f"storage {url}: cannot open ({cause(err)})") from None
                 time.sleep(0.5 * (attempt + 1))
+
+
+def cause(err: BaseException) -> str:
+    """The first line of what really went wrong in a storage error ("database is locked"), not Optuna's
+    wrapper's guess ("... e.g. exceeding max length")."""
+    for _ in range(8):  # SQLAlchemy's error holds the driver's as ``orig``; Optuna's wraps SQLAlchemy's
+        inner = getattr(err, "orig", None) or err.__cause__
+        if inner is None:
+            break
+        err = inner
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:200]
 
 
 def heartbeat_enabled(storage: optuna.storages.BaseStorage) -> bool:

@@ -35,12 +35,15 @@ from search.retry import requeue, retry_history
 from search.metrics import METRICS, spike_rate
 from search.progress import EpochProgress
 from search.space import Space
+from trainer import stop
 from trainer.checkpoint import MODEL_FILE, STATE_FILE, UnreadableStateError, load_history
 from trainer.config import ConfigError
+from trainer.files import WriteError
 from trainer.fit import EpochReport, fit
 
 CONFIG_FILE = "config.yaml"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE = (*DISK_FULL, errno.EACCES, errno.EPERM, errno.EROFS)  # the folder's fault, never the config's
 
 
 class TrialRecord:
@@ -86,7 +89,7 @@ class Outcome:
     attrs: dict[str, object] = field(default_factory=dict)
     fail_reason: str | None = None
     requeue: bool = False  # interrupted: FAIL, keep last.pt and queue a copy that resumes from it
-    stop: bool = False  # the worker cannot go on (its disk is full): it exits with ``fail_reason``
+    stop: bool = False  # the worker cannot go on (its folder is full or read-only): it exits with ``fail_reason``
 
 
 # Called after each epoch with the record so far, the epoch's report and whether that epoch was
@@ -118,6 +121,15 @@ LINEAGE_FILE = "lineage.json"  # a PBT member's copies (search/pbt.py), saved wi
 def drop_checkpoints(directory: Path) -> None:
     for name in (STATE_FILE, MODEL_FILE, LINEAGE_FILE):
         (directory / name).unlink(missing_ok=True)
+
+
+def cannot_write(err: OSError) -> str:
+    """One line naming the file that could not be written, and why."""
+    if isinstance(err, WriteError):  # its message names the file already
+        text = err.strerror
+    else:
+        text = f"cannot write {err.filename or 'a file'}: {err.strerror or err}"
+    return f"disk full: {text}" if err.errno in DISK_FULL else text
 
 
 def _one_line(err: BaseException) -> str:
@@ -167,9 +179,9 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
     except optuna.TrialPruned:
         return Outcome(TrialState.PRUNED, record.values, record.attrs)
     except OSError as err:
-        if err.errno in DISK_FULL:  # not this config's fault: the copy runs once there is room
-            return Outcome(TrialState.FAIL, record.values, record.attrs, f"disk full: {err.strerror or err}; "
-                           f"queued again", requeue=True, stop=True)
+        if err.errno in UNWRITABLE:  # not this config's fault: the copy runs once the folder can be written
+            return Outcome(TrialState.FAIL, record.values, record.attrs, f"{cannot_write(err)}; queued again",
+                           requeue=True, stop=True)
         return _failed(record, directory, err)
     except Exception as err:  # noqa: BLE001 - any error fails this trial, not the worker
         return _failed(record, directory, err)
@@ -214,21 +226,34 @@ def finish(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, directory
     """End ``trial`` (both backends call this, and nothing else ends a trial): record its user attrs and
     ``fail_reason``; keep a completed trial's model and config as artifacts and drop its resume state;
     drop a pruned or failed trial's checkpoints, except an interrupted one's ``last.pt``, from which the
-    copy queued here resumes, and the copy of it uploaded to the artifact store; tell Optuna."""
+    copy queued here resumes, and the copy of it uploaded to the artifact store; tell Optuna.
+
+    A stop signal never cuts this short (``trainer.stop``). A folder that cannot be written is recorded as
+    the user attr ``file_error`` (one line naming the path) and the trial still ends."""
     for key, value in outcome.attrs.items():
         trial.set_user_attr(key, value)
     if outcome.fail_reason:
         trial.set_user_attr("fail_reason", outcome.fail_reason)
+    try:
+        _keep_files(trial, outcome, directory, artifacts)
+    except OSError as err:
+        trial.set_user_attr("file_error", cannot_write(err))
+    stop.point("finish")
+    if outcome.state == TrialState.COMPLETE:
+        return study.tell(trial, outcome.values)
+    ended = study.tell(trial, state=outcome.state)
+    if outcome.requeue:
+        requeue(study, ended, max_retry=None)
+    return ended
+
+
+def _keep_files(trial: optuna.Trial, outcome: Outcome, directory: Path, artifacts: compat.ArtifactStore) -> None:
+    """The files of ``finish``: a completed trial's artifacts kept, checkpoints that nothing resumes from dropped."""
     if not outcome.requeue:
         remote.drop(artifacts, trial.user_attrs)
     if outcome.state == TrialState.COMPLETE:
         keep_artifacts(artifacts, trial, directory)
         (directory / STATE_FILE).unlink(missing_ok=True)
         (directory / LINEAGE_FILE).unlink(missing_ok=True)
-        return study.tell(trial, outcome.values)
-    if not outcome.requeue:
+    elif not outcome.requeue:
         drop_checkpoints(directory)
-    ended = study.tell(trial, state=outcome.state)
-    if outcome.requeue:
-        requeue(study, ended, max_retry=None)
-    return ended

@@ -3,24 +3,30 @@
 Each worker is a process of its own running ``search.run`` with the parent's flags (its own sampler seed
 stream, heartbeat and trial directory), pinned to one device through ``run.device``. The workers are forked
 from multiprocessing's fork server, which imports torch, its compiler and the search once for all of them
-(~5 s of CPU a worker otherwise) and never touches a GPU. The workers run in sessions of their own, so Ctrl-C reaches only
-this parent, which passes exactly one SIGINT to each, and SIGTERM (a preemption) one SIGTERM to each: every
-worker queues its running trial again (it resumes from its last epoch on the next run) and exits, and the
-parent waits for them.
+(~5 s of CPU a worker otherwise) and never touches a GPU.
+
+The processes of a search live and die together. The workers run in sessions of their own, so a terminal's
+Ctrl-C or a scheduler's SIGTERM reaches this parent alone; its stop flag (``trainer.stop``) reaches every
+worker through shared memory, also one still being forked, and each queues its running trial again at its
+next safe point (it resumes from its last epoch) and exits; a Ctrl-C during the stop is passed on as a
+SIGINT, which stops a worker mid-computation. A worker whose parent dies (SIGKILL, the OOM killer) does the
+same, as after a SIGHUP. The parent's exit code is the worst of its own and its workers'.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable
 from multiprocessing import forkserver
+from typing import Any
 
-from search.retry import Preempted, stopped_by
+from trainer import stop
 from trainer.errors import UserError
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -28,7 +34,7 @@ PARENT_ONLY = ("workers", "devices", "worker_index")  # what each child must not
 FLAGS = {"overrides": "--set"}  # dests whose flag is not --<dest with dashes>
 # what each worker imports (torch.optim's first optimizer imports dynamo)
 PRELOAD = ["search.run", "search.optuna_backend", "torch._dynamo"]
-STOPS = {signal.SIGINT, signal.SIGTERM}
+POLL = 0.2  # seconds between the parent's looks at its stop flag while it waits for the workers
 
 
 def devices(spec: str | None, workers: int | None) -> list[str]:
@@ -61,13 +67,15 @@ def child_args(args: argparse.Namespace, index: int, device: str) -> list[str]:
     return [*out, "--worker-index", str(index), "--set", f"run.device={device}"]
 
 
-def work(main: Callable[[list[str]], int], argv: list[str], threads: int) -> None:
+def work(main: Callable[[list[str]], int], argv: list[str], threads: int, parent_stop: Any) -> None:
     """One worker, in the fork server's child: a session of its own, its share of the cores, and what a
     process of its own would have (SIGTERM's default action; multiprocessing's default start method, which
-    the fork server's child is set to forkserver, for its data loaders)."""
+    the fork server's child is set to forkserver, for its data loaders). It follows its parent's stop flag
+    and stops when its parent dies."""
     os.setsid()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     multiprocessing.set_start_method(None, force=True)
+    stop.follow(parent_stop)
     import torch
 
     torch.set_num_threads(threads)  # the server's libraries read OMP_NUM_THREADS (launch set it); torch's own
@@ -99,35 +107,37 @@ def start_server(threads: int) -> None:
 
 def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: list[str]) -> int:
     """Run ``main`` (``search.run``'s) as one worker per entry of ``devices`` until all end; the worst exit
-    code (130 after Ctrl-C)."""
+    code, said with the worker it came from. A stop signal starts no further worker and stops the others."""
     cpu_workers = sum(d in ("cpu", "auto") for d in devices) or 1
     threads = max(1, (os.cpu_count() or 1) // cpu_workers)  # no oversubscribed cores
     start_server(threads)
     context = multiprocessing.get_context("forkserver")
-    procs = [context.Process(target=work, args=(main, child_args(args, i, device), threads), name=f"worker {i}")
-             for i, device in enumerate(devices)]
-    # a Ctrl-C or SIGTERM while a worker is forked would leave it running with no pid known here: both wait
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-    try:
-        for p in procs:
-            p.start()
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came meanwhile is raised here, and stops them
-        print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
-              f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
-        for p in procs:
-            p.join()
-        return max(exit_code(p) for p in procs)
-    except KeyboardInterrupt as stop:
-        why, code = stopped_by(stop)
-        print(f"{why}: stopping the workers; their running trials are queued again", flush=True)
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM if isinstance(stop, Preempted) else signal.SIGINT)  # what came
-        for p in procs:
-            p.join(timeout=120)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        return code
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # also when a start failed
+    flag = context.Value("i", 0, lock=False)  # the parent's stop signal, read by every worker
+    procs = []
+    for i, device in enumerate(devices):
+        if stop.requested():
+            break
+        procs.append(context.Process(target=work, args=(main, child_args(args, i, device), threads, flag),
+                                     name=f"worker {i}"))
+        procs[-1].start()
+        stop.point("workers")
+    print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
+          f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
+    passed = 1  # Ctrl-Cs passed on: the first is the stop itself
+    while alive := [p for p in procs if p.exitcode is None]:
+        if stop.requested() and not flag.value:
+            print(f"{stop.WHY[stop.requested()]}: stopping the workers; their running trials are queued again",
+                  flush=True)
+            stop.share(flag)
+        while stop.interrupts() > passed:  # the user insists: the workers stop mid-computation
+            passed += 1
+            for p in alive:
+                os.kill(p.pid, signal.SIGINT)
+        multiprocessing.connection.wait([p.sentinel for p in alive], timeout=POLL)
+    codes = [exit_code(p) for p in procs]
+    for p, code in zip(procs, codes):
+        if code and not stop.requested():
+            killed = -p.exitcode if p.exitcode < 0 else 0
+            how = f"was killed by {signal.Signals(killed).name}" if killed else f"exited with {code}"
+            print(f"{p.name} (pid {p.pid}) {how}", file=sys.stderr, flush=True)
+    return max(codes, default=0)

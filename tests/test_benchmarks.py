@@ -181,3 +181,28 @@ def test_depth_benchmark_compares_heads_per_depth(tmp_path: Path) -> None:
     for (plain, heads), gap in zip(zip(runs[::2], runs[1::2]), gaps):
         assert gap[4] == pytest.approx(heads[2]["mean"] - plain[2]["mean"])  # gain = heads - none
         assert gap[5] == pytest.approx(heads[4] / plain[4])
+
+
+TINY_SPACE = """
+study: {name: tiny, seed: 0, pruner: none, heartbeat: 1, baseline: false}
+base:
+  data: {timesteps: 2, batch_size: 32, limit: 128}
+  model: {width: 4}
+  heads: {exits: [layer1.0]}
+  optim: {name: adamw, lr: 0.005, epochs: 6}
+space:
+  lambda.start: {type: float, low: 0.1, high: 1.0}
+"""
+
+
+@pytest.mark.long(30)
+def test_preemption_stress_strands_and_loses_nothing(tmp_path: Path) -> None:
+    """Two random SIGTERMs to a 2-worker SQLite search: the table counts what each left and what the end tallies."""
+    space = tmp_path / "space.yaml"
+    space.write_text(TINY_SPACE)
+    ((row,),), rec = bench(tmp_path, "preemption.py", "--rounds", "2", "--storages", "sqlite", "--space",
+                           str(space), "--n-trials", "2", "--max-delay", "8")
+    assert rec["args"]["rounds"] == 2 and row[0] == "sqlite" and row[1] == 2 and row[2] >= 1
+    assert row[3:6] == [0, 0, f"{2 * row[2]} / {2 * row[2]}"]  # nothing left RUNNING, no traceback, all finished
+    assert row[6:8] == [0, 0]  # nothing RUNNING or WAITING at the end, no finished epoch trained again
+    assert 0 < row[8] <= row[9] < 60  # seconds from the signal to the exit

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import optuna
@@ -66,7 +68,7 @@ def test_two_workers_finish_exactly_n_trials_with_distinct_params(tmp_path, pg_u
 @pytest.mark.long(70)
 def test_ray_backend_writes_to_the_study_and_resumes(tmp_path):
     url = f"sqlite:///{tmp_path}/ray.db"
-    space = space_file(tmp_path, study=", pruner: successive_halving")
+    space = space_file(tmp_path, epochs=3, study=", pruner: successive_halving")  # 2 epochs after the signal's
     args = ["--backend", "ray", "--max-concurrent", "2", "--cpus-per-trial", "1"]
     first = worker(space, url, 3, *args)
     out = communicate(first)
@@ -76,7 +78,7 @@ def test_ray_backend_writes_to_the_study_and_resumes(tmp_path):
     assert len(done) == 3 and all(t.user_attrs["backend"] == "ray" for t in done)
     assert distinct_params(done)
     full = [t for t in done if t.state == TrialState.COMPLETE]
-    assert full and all(t.user_attrs["epochs_run"] == 2 and "config" in t.user_attrs for t in full)
+    assert full and all(t.user_attrs["epochs_run"] == 3 and "config" in t.user_attrs for t in full)
     assert not any("test" in t.user_attrs for t in done)  # search trials never read the test split
     assert all((tmp_path / "shared" / "trials" / str(t.number) / "model.pt").exists() for t in full)
 
@@ -84,10 +86,28 @@ def test_ray_backend_writes_to_the_study_and_resumes(tmp_path):
     study = optuna.load_study(study_name="shared", storage=url)
     orphan = study.ask({"lambda.start": optuna.distributions.FloatDistribution(0.1, 1.0)})
     orphan.set_user_attr("backend", "ray")
+    # ... and a preemption's SIGTERM to the driver at a trial's first epoch: exit 143; every trial it stopped
+    # ends FAIL with its reason and a WAITING copy, which the next run resumes
     second = worker(space, url, 5, *args)
-    out = communicate(second)
-    assert second.returncode == 0, out
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(second.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while not any(" epoch 1/3 " in line for line in lines) and second.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second.send_signal(signal.SIGTERM)
+    second.wait(120)
+    reader.join(10)
+    out = "".join(lines)
+    assert second.returncode == 143 and "Traceback" not in out and "(core dumped)" not in out, out
     assert f"trials [{orphan.number}] were left RUNNING by an earlier Ray driver" in out
+    stopped = [t for t in trials(url) if t.state == TrialState.FAIL and t.number != orphan.number]
+    assert TrialState.RUNNING not in [t.state for t in trials(url)]
+    assert trials(url)[orphan.number].user_attrs["fail_reason"] == "its Ray driver died; queued again"
+    assert stopped and all(t.user_attrs["fail_reason"] == "preempted (SIGTERM); queued again" for t in stopped)
+    third = worker(space, url, 5, *args)
+    out = communicate(third)
+    assert third.returncode == 0, out
     done = trials(url)
     states = [t.state for t in done]
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states

@@ -86,6 +86,44 @@ def test_perturbed_values_stay_in_their_range_and_on_their_step(tmp_path):
     assert mutations(choices) == {"values": {"optim.lr": [0.01, 0.02]}}  # PBT shifts to a neighbour
 
 
+class Controller:
+    """What Tune hands a scheduler: the trials, and the decisions it caches (``compat.forget_stale_stop``)."""
+
+    search_alg = None  # Tune's default generator, as for a population
+
+    def __init__(self, trials):
+        self.trials = trials
+        self._tune_controller = self
+        self._cached_trial_decisions = {}
+
+    def get_trials(self):
+        return self.trials
+
+    def get_live_trials(self):
+        return [t for t in self.trials if t.status not in ("TERMINATED", "ERROR")]
+
+
+def test_a_member_waiting_for_a_sync_that_no_running_member_can_bring_is_run_again(tmp_path):
+    """A resumed population: member 1 (resumed after epoch 2) reaches the sync point and pauses to wait for
+    member 0 (resumed after epoch 3), which ends at its last epoch before the scheduler saw it there. Ray's
+    synchronous PBT would never run member 1 again (the population test's run hung); ours runs it."""
+    pbt = scheduler(load_space(space_file(tmp_path)))
+    pbt.set_search_properties("val_acc", "max")
+    from ray.tune.experiment import Trial
+
+    members = [Trial("__fake", config={"values": {}}, stub=True, experiment_tag=tag) for tag in "ab"]
+    tune = Controller(members)
+    for member in members:
+        pbt.on_trial_add(tune, member)
+        member.set_status(Trial.RUNNING)
+    assert pbt.on_trial_result(tune, members[1], {"epochs_run": 3, "val_acc": 0.5}) == "PAUSE"
+    members[1].set_status(Trial.PAUSED)
+    members[0].set_status(Trial.TERMINATED)  # ended by the stopper after its last epoch
+    assert pbt.choose_trial_to_run(tune) is members[1]
+    members[1].set_status(Trial.RUNNING)
+    assert pbt.choose_trial_to_run(tune) is None  # while one runs, the usual rule
+
+
 CAPPED = """
 import json, resource, signal, sys
 from pathlib import Path

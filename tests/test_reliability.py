@@ -125,11 +125,13 @@ def test_killed_worker_trial_is_retried_and_resumes_like_an_unbroken_run(tmp_pat
 
 
 @pytest.mark.parametrize("sig", [pytest.param("SIGTERM", marks=pytest.mark.long(50)),
-                                 pytest.param("SIGINT", marks=pytest.mark.long(25))])
+                                 pytest.param("SIGINT", marks=pytest.mark.long(25)),
+                                 pytest.param("SIGKILL", marks=pytest.mark.long(25))])
 def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_path, sig):
     """Ctrl-C reaches the terminal's process group; a preemption's SIGTERM reaches the parent alone, which
-    passes it to its workers (each in its own session) and waits for them. Either way both running trials
-    are failed and queued again; after the SIGTERM, the same command resumes them."""
+    passes its stop to its workers (each in its own session) and waits for them; a SIGKILLed parent (a
+    scheduler's kill, the OOM killer) leaves no worker training: each sees its parent gone. Either way both
+    running trials are failed and queued again; after the SIGTERM, the same command resumes them."""
     url = f"sqlite:///{tmp_path}/d.db"
     # epochs long enough that both still run at the signal: after a slow first epoch the rest are fast, and
     # at 128 images the window in which both had finished one closed within 2 s of the test's polls
@@ -145,15 +147,21 @@ def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_p
         if sig == "SIGINT":
             os.killpg(parent.pid, signal.SIGINT)  # as a terminal's Ctrl-C does; the parent stops its workers
         else:
-            parent.send_signal(signal.SIGTERM)
-    out = communicate(parent, 120)
-    assert parent.returncode == (130 if sig == "SIGINT" else 143), out
-    why = "interrupted (Ctrl-C)" if sig == "SIGINT" else "preempted (SIGTERM)"
+            parent.send_signal(getattr(signal, sig))
+    out = communicate(parent, 120)  # the workers hold its output too: it ends when they have
+    assert parent.returncode == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -signal.SIGKILL}[sig], out
+    pids = [int(p) for p in out.split("(pids ")[1].split(")")[0].split(", ")]
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids), pids  # no worker left behind
+    why = {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "preempted (SIGTERM)", "SIGKILL": "hung up (SIGHUP"}[sig]
     interrupted = [t for t in trials(url) if t.state == TrialState.FAIL]
     assert len(interrupted) == 2 and all(why in t.user_attrs["fail_reason"] for t in interrupted)
     assert sum(t.state == TrialState.WAITING for t in trials(url)) == 2
-    assert "w0 trial" in out and "w1 trial" in out
-    if sig == "SIGINT":  # either signal leaves the same state behind; running the command again is tested once
+    assert TrialState.RUNNING not in [t.state for t in trials(url)]
+    assert "w0 trial" in out and "w1 trial" in out and "Traceback" not in out
+    if sig != "SIGTERM":  # each signal leaves the same state behind; running the command again is tested once
         return
 
     again = subprocess.run(command(space, url, 3, "--workers", "2"), cwd=ROOT, capture_output=True, text=True,
@@ -472,13 +480,23 @@ def test_a_storage_that_cannot_be_written_is_one_line_and_the_trial_is_retried(t
     space = space_file(tmp_path, epochs=1)
     real = optuna.Study.tell
 
-    def full(self, *args, **kwargs):
-        raise optuna.exceptions.StorageInternalError("(sqlite3.OperationalError) database or disk is full")
+    def full(self, *args, **kwargs):  # as Optuna's RDB storage wraps a failed commit
+        import sqlite3
+
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            raise OperationalError("UPDATE trials ...", {}, sqlite3.OperationalError("database or disk is full"))
+        except OperationalError as err:
+            raise optuna.exceptions.StorageInternalError(
+                "An exception is raised during the commit. This typically happens due to invalid data in the "
+                "commit, e.g. exceeding max length. ") from err
 
     monkeypatch.setattr(optuna.Study, "tell", full)
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"storage {url}: cannot write" in err and "database or disk is full" in err
+    assert err.count("\n") == 1 and f"storage {url}: cannot write (database or disk is full)" in err
+    assert "max length" not in err  # the real cause, not Optuna's guess
     assert "trial 0 stays RUNNING" in err and [t.state for t in trials(url)] == [TrialState.RUNNING]
     monkeypatch.setattr(optuna.Study, "tell", real)
     time.sleep(timeouts(1)[1] + 0.5)  # its heartbeat goes stale

@@ -1,6 +1,7 @@
 """Unit tests of the search's plumbing: the budget, the storage wrapper, retries and the worker launcher."""
 
 import json
+import multiprocessing
 import os
 import pickle
 import signal
@@ -17,6 +18,7 @@ from search.retry import Requeue, requeue, retry_history
 from search.run import main as run_main
 from search.run import make_parser
 from search.storage import HeartbeatJournalStorage, artifact_location, open_storage, study_dir
+from trainer import stop
 from trainer.errors import UserError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -149,52 +151,42 @@ def test_devices_are_dealt_round_robin_and_checked():
 
 
 class FakeProc:
-    """A worker as multiprocessing's fork server would start it: it records its target, signals and start;
-    ``on_start`` runs when it starts (a signal arriving then, say)."""
+    """A worker as multiprocessing's fork server would start it, already ended with ``code``: it records its
+    target and start."""
 
-    def __init__(self, pid, target, args, name, code=0, interrupt=False, on_start=lambda: None):
+    def __init__(self, pid, target, args, name, code=0):
         self.pid, self.target, self.args, self.name, self.exitcode = pid, target, args, name, code
-        self.interrupt, self.on_start, self.started, self.signals = interrupt, on_start, False, []
+        self.started = False
 
     def start(self):
         self.started = True
-        self.on_start()
-
-    def join(self, timeout=None):
-        if self.interrupt and not self.signals:
-            raise KeyboardInterrupt
-
-    def is_alive(self):
-        return not self.signals
-
-    def kill(self):
-        pass
 
 
 class FakeContext:
-    """multiprocessing's forkserver context; ``proc_kwargs`` are functions of the worker's index."""
+    """multiprocessing's forkserver context; ``codes`` are the workers' exit codes."""
 
-    def __init__(self, **proc_kwargs):
-        self.proc_kwargs, self.threads, self.procs = proc_kwargs, None, []
+    def __init__(self, codes):
+        self.codes, self.threads, self.procs = codes, None, []
 
     def Process(self, target, args, name):  # noqa: N802 - multiprocessing's name
         index = len(self.procs)
-        self.procs.append(FakeProc(1000 + index, target, args, name,
-                                   **{k: v(index) for k, v in self.proc_kwargs.items()}))
+        self.procs.append(FakeProc(1000 + index, target, args, name, self.codes[index]))
         return self.procs[-1]
 
+    def Value(self, kind, value, lock):  # noqa: N802 - multiprocessing's name
+        return multiprocessing.Value(kind, value, lock=lock)
 
-def fake_context(monkeypatch, **proc_kwargs):
-    context = FakeContext(**proc_kwargs)
+
+def fake_context(monkeypatch, codes):
+    context = FakeContext(codes)
     monkeypatch.setattr(workers, "start_server", lambda threads: setattr(context, "threads", threads))
     monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: context if method == "forkserver" else None)
-    monkeypatch.setattr(workers.os, "kill", lambda pid, sig: next(p for p in context.procs if p.pid == pid).signals.append(sig))
     return context
 
 
 def test_launch_forks_one_pinned_worker_per_device_and_returns_the_worst_code(monkeypatch):
     monkeypatch.setattr(workers.os, "cpu_count", lambda: 4)
-    context = fake_context(monkeypatch, code=lambda i: [0, 1][i])
+    context = fake_context(monkeypatch, [0, 1])
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
     assert workers.launch(run_main, args, ["cpu", "cpu"]) == 1
     assert context.threads == 2  # the fork server's libraries: 4 cores, 2 CPU workers
@@ -204,10 +196,11 @@ def test_launch_forks_one_pinned_worker_per_device_and_returns_the_worst_code(mo
     assert [make_parser().parse_args(p.args[1]).worker_index for p in context.procs] == [0, 1]
 
 
-def test_a_worker_killed_by_a_signal_is_a_failure_not_a_clean_exit(monkeypatch):
-    fake_context(monkeypatch, code=lambda i: [0, -9][i])
+def test_a_worker_killed_by_a_signal_is_a_failure_named_in_one_line(monkeypatch, capsys):
+    fake_context(monkeypatch, [0, -9])
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
     assert workers.launch(run_main, args, ["cpu", "cpu"]) == 137  # as a shell says it (128 + SIGKILL)
+    assert capsys.readouterr().err == "worker 1 (pid 1001) was killed by SIGKILL\n"
 
 
 def stand_in_main(argv: list[str]) -> int:
@@ -235,30 +228,47 @@ def test_workers_forked_by_the_server_lead_their_own_sessions_like_processes_of_
         assert threads == 1 and variable == "1" and rest == [True, True, "fork"]
 
 
-def test_a_ctrl_c_while_the_workers_are_forked_waits_for_their_pids_then_stops_them(monkeypatch):
-    """SIGINT comes while the first worker is being started: it is held until both have pids, then raised
-    where the launcher stops its workers (not above it, which would leave them running)."""
-    context = fake_context(monkeypatch, on_start=lambda i: (lambda: signal.raise_signal(signal.SIGINT)) if i == 0
-                           else (lambda: None))
-    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
-    # Python's own SIGINT handler, as under a terminal: a shell starts a background job with SIGINT ignored
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        code = workers.launch(run_main, args, ["cpu", "cpu"])
-    except KeyboardInterrupt:  # pytest would take it as the end of the session
-        pytest.fail("the Ctrl-C escaped the launcher")
-    finally:
-        signal.signal(signal.SIGINT, saved)
-    assert code == 130 and all(p.started for p in context.procs)
-    assert [p.signals for p in context.procs] == [[signal.SIGINT], [signal.SIGINT]]
-    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked again
+def stopping_main(argv: list[str]) -> int:
+    """A worker that computes until its parent's stop reaches it, then goes on computing (as a trial's last
+    batch does) until a Ctrl-C stops it there; it writes what stopped it."""
+    args = make_parser().parse_args(argv)
+    out = args.study_dir / f"{args.worker_index}.json"
+    with stop.handling():
+        (args.study_dir / f"{args.worker_index}.started").touch()
+        while not stop.requested():
+            time.sleep(0.01)
+        seen = [stop.requested()]
+        try:
+            with stop.interruptible():
+                (args.study_dir / f"{args.worker_index}.ready").touch()
+                time.sleep(60)
+        except KeyboardInterrupt:
+            seen.append("interrupted at once")
+    out.write_text(json.dumps(seen))
+    return 130
 
 
-def test_ctrl_c_in_the_launcher_sends_each_worker_one_sigint(monkeypatch):
-    context = fake_context(monkeypatch, interrupt=lambda i: True)
-    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
-    assert workers.launch(run_main, args, ["cpu", "cpu"]) == 130
-    assert [p.signals for p in context.procs] == [[signal.SIGINT], [signal.SIGINT]]
+def test_the_parents_stop_reaches_every_worker_and_a_second_ctrl_c_stops_them_mid_computation(tmp_path):
+    """A real fork server: the parent's first Ctrl-C reaches both workers through its flag (no signal); the
+    second, while they still compute, is passed on as a SIGINT and stops them at once."""
+    args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2", "--study-dir", str(tmp_path)])
+
+    def ctrl_c_twice():
+        deadline = time.time() + 60
+        while not all((tmp_path / f"{i}.started").exists() for i in (0, 1)) and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+        while not all((tmp_path / f"{i}.ready").exists() for i in (0, 1)) and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=ctrl_c_twice, daemon=True)
+    with stop.handling():
+        thread.start()
+        code = workers.launch(stopping_main, args, ["cpu", "cpu"])
+    thread.join()
+    assert code == 130
+    assert [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)] == [[2, "interrupted at once"]] * 2
 
 
 def _state_with(directory, epochs):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+from trainer import stop
 from trainer.errors import Parser, command
 
 
@@ -46,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(list_exits(cfg))
         return 0
     check(cfg)  # the model and its heads, on a dry run, before any data is read
-    result = fit(cfg, progress=True)
+    with stop.handling():
+        try:
+            result = fit(cfg, progress=True)
+        except stop.Stopped as err:
+            again = " with --set run.resume=true" if cfg.run.out_dir else ""
+            print(f"{err.why}: the last finished epoch is kept; run the same command again{again} to go on",
+                  file=sys.stderr, flush=True)
+            return err.code
     final = {**result.history[-1].metrics, **result.test, "best_val_acc": result.best_val_acc}
     if result.model_path:
         final["model"] = str(result.model_path)

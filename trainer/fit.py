@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from trainer import stop
 from trainer.checkpoint import load_state, restore_rng, save_model, save_state
 from trainer.config import Config
 from trainer.data import Batches, DataBundle, encode, input_shape, load_data
@@ -115,6 +116,7 @@ def evaluate(
             loss += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
             n += len(y)
+            stop.check()
     return {"loss": loss.item() / max(n, 1), "acc": correct.item() / max(n, 1)}
 
 
@@ -286,6 +288,8 @@ class Training:
             loss_sum += loss.detach() * len(y)
             correct += (main.detach().argmax(1) == y).sum()
             n += len(y)
+            stop.point("batch")
+            stop.check()  # a safe point: the epoch is lost, the last checkpoint stays
         self.scheduler.step()
         train_loss = loss_sum.item() / n
         if not math.isfinite(train_loss):
@@ -328,6 +332,8 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     """Train ``cfg``; after each epoch call ``callback(report)``, which may return True to stop.
 
     ``test=False`` never reads the test split (search trials rank on validation only).
+    A stop signal (``trainer.stop``) raises ``Stopped`` after the batch it came in, or after the epoch's
+    checkpoint and callback; once the last epoch is reported the fit ends normally.
     Exceptions raised by the callback (e.g. ``optuna.TrialPruned``) propagate. A non-finite training
     loss raises ``DivergedError``. With ``run.out_dir`` set, each epoch writes ``model.pt`` (stripped)
     and ``last.pt`` (resume state); ``run.resume`` continues from ``last.pt``.
@@ -338,13 +344,16 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     bar = tqdm(range(start, epochs), desc="epochs", disable=not progress, initial=start, total=epochs)
     stopped = False
     for epoch in bar:
-        report = training.validate(epoch, training.train_epoch(epoch, progress))
+        stop.check()
+        with stop.interruptible():  # no storage call in here: a second Ctrl-C may stop at once
+            report = training.validate(epoch, training.train_epoch(epoch, progress))
         history.append(report)
         m = report.metrics
         bar.set_postfix(loss=f"{m['train_loss']:.3f}", val_acc=f"{m.get('val_acc', math.nan):.3f}",
                         lam=f"{m['lambda']:.2f}")
         if training.out_dir:
             training.checkpoint(history)
+        stop.point("checkpointed")
         if callback and callback(report):
             stopped = epoch < epochs - 1
             break
