@@ -77,6 +77,11 @@ def searcher_trial(search: Any, tune_id: str) -> optuna.Trial | None:
     return search._ot_trials.get(tune_id)
 
 
+def searcher_tune_ids(search: Any) -> list[str]:
+    """The Tune trials the searcher has given an Optuna trial."""
+    return list(search._ot_trials)
+
+
 def searcher_done(search: Any, tune_id: str, done: bool = False) -> bool:
     """Whether the searcher has ended Tune trial ``tune_id``; ``done=True`` records that it has."""
     if done:

@@ -107,8 +107,9 @@ class Worker:
         return study
 
     def run_one(self, trial: optuna.Trial) -> FrozenTrial:
-        """Train and end one asked trial. A stop signal, seen at any safe point from the ask on, ends it
-        through ``finish`` (FAIL, a copy queued that resumes from its last epoch) and raises ``Stopped``."""
+        """Train and end one asked trial. A stop signal, seen at a safe point from the ask to the last epoch's
+        report, ends it through ``finish`` (FAIL, a copy queued that resumes from its last epoch) and raises
+        ``Stopped``; one that comes later leaves it to end as it would, and the loop stops before the next."""
         study, single = self.study, len(self.space.study.metrics) == 1
         stop.point("asked")
         frozen = compat.frozen(study, trial)
@@ -141,7 +142,7 @@ class Worker:
                     outcome = run_trial(self.space, trial.number, values, directory, earlier, hook, self.epochs,
                                         starts, fetch=partial(uploads.fetch, frozen.user_attrs) if earlier else None)
             except KeyboardInterrupt as err:  # Stopped at a safe point, or a second Ctrl-C mid-computation
-                signum = err.signum if isinstance(err, stop.Stopped) else signal.SIGINT
+                signum = stop.requested() or signal.SIGINT  # the first stop says why
                 why = stop.WHY[signum]
                 finish(study, trial, Outcome(TrialState.FAIL, [], fail_reason=f"{why}; queued again",
                                              requeue=True), directory, self.artifacts)

@@ -20,7 +20,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # keep relative data paths working in trials
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # each trial's epoch lines are its own, not repeats of another's
-os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C sets trainer.stop's flag, as SIGTERM does
+os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C sets trainer.stop's flag, as SIGTERM does
 
 import optuna  # noqa: E402
 import ray  # noqa: E402
@@ -155,6 +155,7 @@ class StudySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.ending.seen(trial_id, result)
         super().on_trial_result(trial_id, result)
+        stop.point("result")  # the driver has an epoch's result
 
     def suggest(self, trial_id: str) -> dict | None:
         with warnings.catch_warnings():  # Tune, not heartbeats, tracks whether Ray trials are alive
@@ -166,13 +167,32 @@ class StudySearch(OptunaSearch):
         return {**params, "trial": ot_trial.number, "directory": str(directory.resolve()),
                 "earlier": [str(p.resolve()) for p in earlier], "cwd": os.getcwd()}
 
+    def end_stopped(self, why: str) -> list[int]:
+        """After a stop signal, end each trial that Tune stopped without ending it: COMPLETE if its last
+        epoch was reported, else FAIL with ``why`` and a copy queued that resumes from its last.pt. Their
+        numbers."""
+        ended = []
+        for tune_id in compat.searcher_tune_ids(self):
+            if compat.searcher_done(self, tune_id):
+                continue
+            reported = tune_id in self.ending.last
+            outcome = self.ending.outcome(tune_id, None, False)
+            if not reported or outcome.state == TrialState.PRUNED:
+                outcome = Outcome(TrialState.FAIL, outcome.values, outcome.attrs, f"{why}; queued again", requeue=True)
+            self.on_trial_end(tune_id, outcome)
+            ended.append(compat.searcher_trial(self, tune_id).number)
+        return ended
+
+    def on_trial_end(self, trial_id: str, outcome: Outcome) -> None:
+        ot_trial = compat.searcher_trial(self, trial_id)
+        finish(compat.searcher_study(self), ot_trial, outcome, trial_dir(self.root, ot_trial.number), self.artifacts)
+        compat.searcher_done(self, trial_id, done=True)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = compat.searcher_trial(self, trial_id)
         if ot_trial is None or compat.searcher_done(self, trial_id):
             return super().on_trial_complete(trial_id, result, error)
-        outcome = self.ending.outcome(trial_id, result, error)
-        finish(compat.searcher_study(self), ot_trial, outcome, trial_dir(self.root, ot_trial.number), self.artifacts)
-        compat.searcher_done(self, trial_id, done=True)
+        self.on_trial_end(trial_id, self.ending.outcome(trial_id, result, error))
         return None
 
 
@@ -263,22 +283,6 @@ class StopSignal(tune.Stopper):
         return bool(stop.requested())
 
 
-def end_stopped(study: optuna.Study, root: Path, artifacts: Any, population: bool) -> None:
-    """After a stop signal, raise ``Stopped``: Tune stopped its trials without ending them, so each Ray
-    trial still RUNNING ends here through ``finish`` (FAIL, a copy queued that resumes from its last.pt),
-    or, a population's member, stays RUNNING to go on from its last.pt on the next run."""
-    signum = stop.requested()
-    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-               if t.user_attrs.get("backend") == "ray"]
-    if population:
-        print(f"{stop.WHY[signum]}: members {running} go on from their last checkpoints on the next run", flush=True)
-    else:
-        for number in running:
-            finish(study, compat.live_trial(study, number), Outcome(
-                TrialState.FAIL, [], fail_reason=f"{stop.WHY[signum]}; queued again", requeue=True),
-                trial_dir(root, number), artifacts)
-        print(f"{stop.WHY[signum]}: trials {running} queued again; they resume from their last epoch", flush=True)
-    raise stop.Stopped(signum)
 
 
 def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,
@@ -360,8 +364,14 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
         tuner.fit()
     finally:
         ray.shutdown()
-    if stop.requested():
-        end_stopped(study, root, artifacts, pbt_run)
+    signum = stop.requested()
+    if signum and pbt_run:
+        print(f"{stop.WHY[signum]}: the members go on from their last checkpoints on the next run", flush=True)
+    elif signum:
+        stopped = search_alg.end_stopped(stop.WHY[signum])
+        print(f"{stop.WHY[signum]}: trials {stopped} ended; those cut short are queued again and resume from their "
+              f"last epoch", flush=True)
+    stop.check()
     return study
 
 

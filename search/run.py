@@ -86,15 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     with stop.handling():
         try:
-            return search(args)
-        except stop.Stopped as err:
-            if args.worker_index is None:  # a worker's parent says it once
-                print(f"{err.why}: run the same command again to resume", file=sys.stderr, flush=True)
-            return err.code
+            code = search(args)
+        except stop.Stopped:
+            code = 0
+        signum = stop.requested()
+    if not signum:
+        return code
+    if args.worker_index is None:  # a worker's parent says it once
+        print(f"{stop.WHY[signum]}: run the same command again to resume", file=sys.stderr, flush=True)
+    return max(code, 128 + signum)  # the worst of this process's and its workers' (a worker killed: 137)
 
 
 def search(args: argparse.Namespace) -> int:
-    """The command, with stop signals as a flag: ``Stopped`` comes out of a safe point."""
+    """The command, with stop signals as a flag: ``Stopped`` comes out of a safe point; ``main`` says why."""
     space = check(args)
     from search.workers import devices
 
@@ -128,11 +132,7 @@ def search(args: argparse.Namespace) -> int:
 
         study = create_study(space, storage, root)  # once, before the workers: creation races in SQLite
         code = launch(main, args, worker_devices)
-        if stop.requested():
-            why = stop.WHY[stop.requested()]
-            print(f"{why}: run the same command again to resume", file=sys.stderr, flush=True)
-            return max(code, 128 + stop.requested())  # the worst of this process's and its workers'
-        if code and unfinished(study):
+        if stop.requested() or code and unfinished(study):
             return code
     elif args.backend == "ray":
         from search.ray_backend import run as run_ray
@@ -152,7 +152,8 @@ def search(args: argparse.Namespace) -> int:
 
     stop.point("report")
     report = build(study, dashboard=True)
-    stop.check()  # the report is published whole or not at all; `snn-search report` writes it later
+    if stop.requested():  # the report is published whole or not at all; `snn-search report` writes it later
+        return code
     publish(study, report)  # the summary and the SNN figures, for optuna-dashboard
     name = space.study.name
     dashboard = url.removeprefix("journal:")  # optuna-dashboard reads a journal file by its path

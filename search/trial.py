@@ -123,6 +123,13 @@ def drop_checkpoints(directory: Path) -> None:
         (directory / name).unlink(missing_ok=True)
 
 
+def unwritable(err: OSError, directory: Path) -> bool:
+    """A full disk anywhere, or a study folder that cannot be written (not, say, a data set that cannot be read)."""
+    if err.errno in DISK_FULL or isinstance(err, WriteError):
+        return True
+    return err.errno in UNWRITABLE and bool(err.filename) and Path(err.filename).is_relative_to(directory.parent)
+
+
 def cannot_write(err: OSError) -> str:
     """One line naming the file that could not be written, and why."""
     if isinstance(err, WriteError):  # its message names the file already
@@ -178,12 +185,12 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
             on_epoch, test=False)
     except optuna.TrialPruned:
         return Outcome(TrialState.PRUNED, record.values, record.attrs)
-    except OSError as err:
-        if err.errno in UNWRITABLE:  # not this config's fault: the copy runs once the folder can be written
+    except Exception as err:  # noqa: BLE001 - any error fails this trial, not the worker
+        if stop.requested():  # a stop signal to the process group also ends the data loader's workers
+            raise stop.Stopped(stop.requested()) from err
+        if isinstance(err, OSError) and unwritable(err, directory):  # the copy runs once there is room
             return Outcome(TrialState.FAIL, record.values, record.attrs, f"{cannot_write(err)}; queued again",
                            requeue=True, stop=True)
-        return _failed(record, directory, err)
-    except Exception as err:  # noqa: BLE001 - any error fails this trial, not the worker
         return _failed(record, directory, err)
     finally:
         progress.close()

@@ -16,12 +16,15 @@ same, as after a SIGHUP. The parent's exit code is the worst of its own and its 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable
 from multiprocessing import forkserver
 from typing import Any
@@ -35,6 +38,7 @@ FLAGS = {"overrides": "--set"}  # dests whose flag is not --<dest with dashes>
 # what each worker imports (torch.optim's first optimizer imports dynamo)
 PRELOAD = ["search.run", "search.optuna_backend", "torch._dynamo"]
 POLL = 0.2  # seconds between the parent's looks at its stop flag while it waits for the workers
+GRACE = 120  # seconds the workers have to end their trials after a stop, before they are killed
 
 
 def devices(spec: str | None, workers: int | None) -> list[str]:
@@ -91,18 +95,29 @@ def exit_code(proc: multiprocessing.process.BaseProcess) -> int:
 def start_server(threads: int) -> None:
     """The fork server, importing ``PRELOAD`` with ``threads`` threads a library; it ignores SIGTERM, so a
     SIGTERM to the process group (``timeout``, a scheduler) reaches this parent and the workers' handlers but
-    cannot end the server under them (when it ends, the workers look ended to this parent)."""
+    cannot end the server under them (when it ends, the workers look ended to this parent). A SIGTERM to
+    this parent meanwhile is blocked, not lost: Linux keeps a blocked signal pending though it is ignored."""
     multiprocessing.set_forkserver_preload(PRELOAD)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     saved_threads, saved_term = os.environ.get("OMP_NUM_THREADS"), signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         forkserver.ensure_running()
     finally:
         signal.signal(signal.SIGTERM, saved_term)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if saved_threads is None:
             del os.environ["OMP_NUM_THREADS"]
         else:
             os.environ["OMP_NUM_THREADS"] = saved_threads
+
+
+def _signal(procs: list[multiprocessing.process.BaseProcess], signum: int) -> None:
+    """Send ``signum`` to the workers still running (one may have ended since it was listed)."""
+    for p in procs:
+        if p.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signum)
 
 
 def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: list[str]) -> int:
@@ -123,16 +138,21 @@ def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: 
         stop.point("workers")
     print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
           f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
-    passed = 1  # Ctrl-Cs passed on: the first is the stop itself
+    passed, stopped = 0, None  # Ctrl-Cs passed on; when the stop was
     while alive := [p for p in procs if p.exitcode is None]:
-        if stop.requested() and not flag.value:
+        if stop.requested() and stopped is None:
             print(f"{stop.WHY[stop.requested()]}: stopping the workers; their running trials are queued again",
                   flush=True)
             stop.share(flag)
-        while stop.interrupts() > passed:  # the user insists: the workers stop mid-computation
-            passed += 1
-            for p in alive:
-                os.kill(p.pid, signal.SIGINT)
+            passed, stopped = stop.interrupts(), time.monotonic()
+        if stop.interrupts() > passed:  # a Ctrl-C during the stop: the workers stop mid-computation
+            passed = stop.interrupts()
+            _signal(alive, signal.SIGINT)
+        if stopped is not None and time.monotonic() - stopped > GRACE:
+            print(f"workers still running {GRACE} s after the stop: killed; their trials are retried once their "
+                  f"heartbeats are stale", file=sys.stderr, flush=True)
+            _signal(alive, signal.SIGKILL)
+            stopped = math.inf
         multiprocessing.connection.wait([p.sentinel for p in alive], timeout=POLL)
     codes = [exit_code(p) for p in procs]
     for p, code in zip(procs, codes):

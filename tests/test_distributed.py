@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 
 import optuna
@@ -35,10 +33,10 @@ def space_file(tmp_path, epochs=2, study=""):
     return path
 
 
-def worker(space, url, n_trials, *extra):
+def worker(space, url, n_trials, *extra, env=None):
     cmd = [sys.executable, "search/run.py", "--space", str(space), "--storage", url, "--n-trials", str(n_trials)]
     return subprocess.Popen(cmd + list(extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=env)
 
 
 def trials(url, name="shared"):
@@ -86,19 +84,11 @@ def test_ray_backend_writes_to_the_study_and_resumes(tmp_path):
     study = optuna.load_study(study_name="shared", storage=url)
     orphan = study.ask({"lambda.start": optuna.distributions.FloatDistribution(0.1, 1.0)})
     orphan.set_user_attr("backend", "ray")
-    # ... and a preemption's SIGTERM to the driver at a trial's first epoch: exit 143; every trial it stopped
-    # ends FAIL with its reason and a WAITING copy, which the next run resumes
-    second = worker(space, url, 5, *args)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(second.stdout), daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while not any(" epoch 1/3 " in line for line in lines) and second.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    second.send_signal(signal.SIGTERM)
-    second.wait(120)
-    reader.join(10)
-    out = "".join(lines)
+    # ... and a preemption's SIGTERM to the driver when the first epoch's result reaches it (the test hook
+    # SNN_STOP_AT): exit 143; every trial it cut short ends FAIL with its reason and a WAITING copy, which
+    # the next run resumes
+    second = worker(space, url, 5, *args, env={**os.environ, "SNN_STOP_AT": "result"})
+    out = communicate(second)
     assert second.returncode == 143 and "Traceback" not in out and "(core dumped)" not in out, out
     assert f"trials [{orphan.number}] were left RUNNING by an earlier Ray driver" in out
     stopped = [t for t in trials(url) if t.state == TrialState.FAIL and t.number != orphan.number]

@@ -2,10 +2,10 @@
 so a trial always ends through its one ending path, never halfway through a storage write; and the
 processes of a search live and die together."""
 
+import errno
 import os
 import signal
 import subprocess
-import sys
 
 import optuna
 import pytest
@@ -19,6 +19,15 @@ from trainer.fit import fit
 
 from conftest import ROOT, communicate
 from test_reliability import command, space_file, trials, wait_for
+
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_python():
+    """Python's own SIGINT handler, as under a terminal: a shell starts a background job (pytest, say) with
+    SIGINT ignored, and a search keeps an ignored signal ignored."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
 
 EPOCHS = 3  # 64 images at batch 32: 2 training batches an epoch, so batch@3 is the middle of epoch 2 (of 3)
 REQUEUED = "requeued"
@@ -171,6 +180,31 @@ def test_a_study_folder_that_turns_unwritable_ends_the_trial_in_one_line(tmp_pat
         assert ended[0].user_attrs["fail_reason"].startswith(f"cannot write {folder}")
         assert ended[0].user_attrs["fail_reason"].endswith("; queued again")
         assert "fail_reason" not in ended[1].user_attrs and "file_error" not in ended[1].user_attrs
+
+
+def test_a_stop_that_breaks_the_data_loader_still_queues_the_trial_again(tmp_path, capsys, monkeypatch):
+    """A SIGTERM to the process group also ends the data loader's workers, and torch then raises a
+    RuntimeError in the trial: the trial is still queued again, not failed for good."""
+    def fit(cfg, callback, test):
+        signal.raise_signal(signal.SIGTERM)
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
+
+    monkeypatch.setattr("search.trial.fit", fit)
+    url = f"sqlite:///{tmp_path}/d.db"
+    assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", url, "--n-trials", "1"]) == 143
+    first, copy = trials(url)
+    assert first.user_attrs["fail_reason"] == "preempted (SIGTERM); queued again" and copy.state == TrialState.WAITING
+
+
+def test_a_data_set_that_cannot_be_read_fails_the_trial_not_the_worker(tmp_path, capsys, monkeypatch):
+    """Permission denied on a file outside the study folder is the trial's error, not an unwritable folder."""
+    def fit(cfg, callback, test):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "data" / "train.bin"))
+
+    monkeypatch.setattr("search.trial.fit", fit)
+    url = f"sqlite:///{tmp_path}/d.db"
+    assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", url, "--n-trials", "2"]) == 0
+    assert [t.user_attrs["fail_reason"].split(":")[0] for t in trials(url)] == ["PermissionError"] * 2
 
 
 def test_snn_train_stops_after_the_batch_and_keeps_the_last_epoch(tmp_path, capsys, monkeypatch):

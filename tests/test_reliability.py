@@ -69,6 +69,15 @@ def wait_for(url, ready, seconds=180):
     raise AssertionError("timed out")
 
 
+def running(pid):
+    """Whether ``pid`` is a live process: gone, or a zombie that its new parent has yet to reap, is not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def storage_url(kind, tmp_path, request):
     if kind == "postgresql":
         return request.getfixturevalue("pg_url")
@@ -152,9 +161,9 @@ def test_ctrl_c_and_sigterm_queue_the_running_trials_of_every_worker_again(tmp_p
     assert parent.returncode == {"SIGINT": 130, "SIGTERM": 143, "SIGKILL": -signal.SIGKILL}[sig], out
     pids = [int(p) for p in out.split("(pids ")[1].split(")")[0].split(", ")]
     deadline = time.time() + 10
-    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.time() < deadline:
+    while any(running(p) for p in pids) and time.time() < deadline:
         time.sleep(0.1)
-    assert not any(os.path.exists(f"/proc/{p}") for p in pids), pids  # no worker left behind
+    assert not any(running(p) for p in pids), pids  # no worker left behind
     why = {"SIGINT": "interrupted (Ctrl-C)", "SIGTERM": "preempted (SIGTERM)", "SIGKILL": "hung up (SIGHUP"}[sig]
     interrupted = [t for t in trials(url) if t.state == TrialState.FAIL]
     assert len(interrupted) == 2 and all(why in t.user_attrs["fail_reason"] for t in interrupted)

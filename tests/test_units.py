@@ -235,7 +235,8 @@ def stopping_main(argv: list[str]) -> int:
     out = args.study_dir / f"{args.worker_index}.json"
     with stop.handling():
         (args.study_dir / f"{args.worker_index}.started").touch()
-        while not stop.requested():
+        deadline = time.time() + 60  # a broken stop fails the test, never hangs it
+        while not stop.requested() and time.time() < deadline:
             time.sleep(0.01)
         seen = [stop.requested()]
         try:
@@ -263,10 +264,14 @@ def test_the_parents_stop_reaches_every_worker_and_a_second_ctrl_c_stops_them_mi
         os.kill(os.getpid(), signal.SIGINT)
 
     thread = threading.Thread(target=ctrl_c_twice, daemon=True)
-    with stop.handling():
-        thread.start()
-        code = workers.launch(stopping_main, args, ["cpu", "cpu"])
-    thread.join()
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # as under a terminal (pytest may run as a
+    try:  # background job, whose SIGINT is ignored, and a search keeps an ignored signal ignored)
+        with stop.handling():
+            thread.start()
+            code = workers.launch(stopping_main, args, ["cpu", "cpu"])
+        thread.join()
+    finally:
+        signal.signal(signal.SIGINT, saved)
     assert code == 130
     assert [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)] == [[2, "interrupted at once"]] * 2
 

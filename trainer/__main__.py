@@ -5,6 +5,7 @@ head can sit on, with what each gives on a dry run, and trains nothing."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 from trainer import stop
@@ -50,11 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     with stop.handling():
         try:
             result = fit(cfg, progress=True)
-        except stop.Stopped as err:
+        except KeyboardInterrupt:  # Stopped after a batch, or a second Ctrl-C mid-batch
+            signum = stop.requested() or signal.SIGINT
             again = " with --set run.resume=true" if cfg.run.out_dir else ""
-            print(f"{err.why}: the last finished epoch is kept; run the same command again{again} to go on",
-                  file=sys.stderr, flush=True)
-            return err.code
+            print(f"{stop.WHY[signum]}: the last finished epoch is kept; run the same command again{again} to go "
+                  f"on", file=sys.stderr, flush=True)
+            return 128 + signum
     final = {**result.history[-1].metrics, **result.test, "best_val_acc": result.best_val_acc}
     if result.model_path:
         final["model"] = str(result.model_path)

@@ -332,8 +332,8 @@ def fit(cfg: Config, callback: Callback | None = None, progress: bool = False, t
     """Train ``cfg``; after each epoch call ``callback(report)``, which may return True to stop.
 
     ``test=False`` never reads the test split (search trials rank on validation only).
-    A stop signal (``trainer.stop``) raises ``Stopped`` after the batch it came in, or after the epoch's
-    checkpoint and callback; once the last epoch is reported the fit ends normally.
+    A stop signal (``trainer.stop``) raises ``Stopped`` after the batch it came in (the test pass's too), or
+    after the epoch's checkpoint and callback; after the last epoch's callback training ends normally.
     Exceptions raised by the callback (e.g. ``optuna.TrialPruned``) propagate. A non-finite training
     loss raises ``DivergedError``. With ``run.out_dir`` set, each epoch writes ``model.pt`` (stripped)
     and ``last.pt`` (resume state); ``run.resume`` continues from ``last.pt``.

@@ -60,7 +60,7 @@ class _Flag:
 
 
 _flag = _Flag()
-_saved: dict[int, Any] = {}  # the handlers before ``handling``
+_saved: dict[int, Any] = {}  # the handlers before ``handling``; empty outside it
 _parent: Any = None  # in a worker: its parent's flag, a multiprocessing.Value("i")
 
 
@@ -69,7 +69,7 @@ def _on_signal(signum: int, frame: object) -> None:
         if requested() and getattr(_flag.hard, "on", False):
             raise KeyboardInterrupt  # a stop is under way and the user insists; no storage call is either
         _flag.interrupts += 1
-    _flag.signum = _flag.signum or signum
+    _flag.signum = requested() or signum  # the first stop, this process's or its parent's, says why
 
 
 @contextmanager
@@ -84,14 +84,14 @@ def handling() -> Iterator[None]:
     finally:
         for s, handler in _saved.items():
             signal.signal(s, handler)
-        _flag = _Flag()  # outside, nothing is stopping: a later fit in this process must not see this stop
+        _flag, _saved = _Flag(), {}  # outside, nothing is stopping: a later fit here must not see this stop
 
 
 def install() -> None:
-    """Make the stop signals set the flag, also again after a library took them (``ray.init`` makes
-    SIGTERM exit at whatever line the process is on)."""
-    for s in WHY:
-        if _saved.get(s) is not signal.SIG_IGN:
+    """Inside ``handling``: make the stop signals set the flag, also again after a library took them
+    (``ray.init`` makes SIGTERM exit at whatever line the process is on). Outside, it does nothing."""
+    for s, before in _saved.items():
+        if before is not signal.SIG_IGN:
             signal.signal(s, _on_signal)
 
 
@@ -142,7 +142,7 @@ def interruptible() -> Iterator[None]:
 
 def point(name: str) -> None:
     """A named instant (``ask``, ``asked``, ``batch``, ``checkpointed``, ``finish``, ``report``,
-    ``workers``): where ``SNN_STOP_AT`` names it, the process signals itself there."""
+    ``workers``, ``result``): where ``SNN_STOP_AT`` names it, the process signals itself there."""
     target, _, nth = os.environ.get("SNN_STOP_AT", "").partition("@")
     if target != name:
         return
