@@ -503,7 +503,7 @@ def workers_stage(run: Run) -> None:
     space = folder / "space.yaml"
     space.write_text(yaml.safe_dump({
         "study": {"name": "gpu_check", "metric": "val_acc", "sampler": "random", "pruner": "none",
-                  "n_trials": sizes.trials, "seed": 0, "baseline": False},
+                  "n_trials": sizes.trials, "seed": 0, "control": 0},
         "space": {"lambda.start": {"type": "float", "low": 0.1, "high": 1.0}}}))
     overrides = [*run.overrides(), f"data.limit={sizes.trial_limit}", "optim.epochs=1", *EAGER]
     table = run.table(f"a study of at most {sizes.trials} trials: the recipe with "

@@ -10,7 +10,8 @@ followed by a new one. After each signal it counts the trials left RUNNING (targ
 tracebacks (target 0), and times the signal's way to the exit (the preemption latency: at most one batch
 and the end of each running trial). Each study is finally run to its end without a signal, and tallied:
 trials COMPLETE or PRUNED (target ``--n-trials``), trials still RUNNING or WAITING (target 0), and finished
-epochs lost (a retry that started before the last epoch its interrupted attempts had reported; target 0).
+epochs lost (a retry that started before the last epoch its interrupted attempts had reported; target 0),
+over both arms of the search (the control arm, ``<name>.control``, runs beside the heads arm).
 PostgreSQL rounds need a server at ``--pg-server`` (each study gets a fresh database, dropped after).
 """
 
@@ -32,9 +33,10 @@ import sqlalchemy
 from optuna.trial import TrialState
 from record import Column, Table, add_json_flag, write_json
 
-from search.budget import is_baseline
+from search.space import CONTROL, load_space
 
 ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("", CONTROL)  # the search's own study, and its control arm's
 
 
 class Study:
@@ -54,9 +56,10 @@ class Study:
         return [sys.executable, "search/run.py", "--space", str(args.space), "--storage", self.url, "--study-name",
                 self.name, "--n-trials", str(args.n_trials), "--workers", "2", "--study-dir", str(self.dir)]
 
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
+    def trials(self, arm: str = "") -> list[optuna.trial.FrozenTrial]:
+        """The trials of the search's study, or of its control arm (``arm=".control"``)."""
         try:
-            return optuna.load_study(study_name=self.name, storage=self.url).get_trials()
+            return optuna.load_study(study_name=self.name + arm, storage=self.url).get_trials()
         except KeyError:  # stopped before the study was created
             return []
 
@@ -97,7 +100,7 @@ def main() -> None:
     table = Table(f"SIGTERM to the parent of `--workers 2` at a uniform random instant in [0, {args.max_delay:g}] s, "
                   f"{args.space} with {args.n_trials} trials a study", "storage", Column("signals", "{}"),
                   Column("studies", "{}"), Column("left RUNNING", "{}"), Column("tracebacks", "{}"),
-                  Column("trials finished / asked for (besides the baseline)", "{}"), Column("left RUNNING or WAITING at the end", "{}"),
+                  Column("trials finished / asked for (both arms)", "{}"), Column("left RUNNING or WAITING at the end", "{}"),
                   Column("finished epochs lost", "{}"), Column("latency median (s)", "{:.1f}"),
                   Column("latency max (s)", "{:.1f}"), Column("minutes", "{:.1f}"))
     print(f"# {table.title}\n{table.header()}", flush=True)
@@ -118,21 +121,24 @@ def main() -> None:
                 out = proc.communicate(timeout=300)[0]  # the workers hold the pipe: it closes when all are gone
                 latencies.append(time.time() - sent)
                 signals += 1
-                stranded += sum(t.state == TrialState.RUNNING for t in study.trials())
+                stranded += sum(t.state == TrialState.RUNNING for arm in ARMS for t in study.trials(arm))
                 tracebacks += "Traceback" in out
             else:
                 out = proc.communicate()[0]
                 tracebacks += "Traceback" in out
                 study = None  # it finished before the signal: the next round starts a new study
         finished = asked = left = lost = 0
+        space = load_space(args.space)
+        space.study.n_trials = args.n_trials
         for s in studies:
             end = subprocess.run(s.command(args), cwd=ROOT, capture_output=True, text=True, timeout=1800)
             tracebacks += "Traceback" in end.stdout + end.stderr
-            trials = s.trials()
-            finished += sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and not is_baseline(t) for t in trials)
-            asked += args.n_trials
-            left += sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
-            lost += lost_epochs(trials)
+            for arm, budget in zip(ARMS, (a.study.n_trials for a in space.arms())):
+                trials = s.trials(arm)
+                finished += sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+                asked += budget
+                left += sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+                lost += lost_epochs(trials)
             s.drop()
         print(table.add(kind, signals, len(studies), stranded, tracebacks, f"{finished} / {asked}", left, lost,
                         statistics.median(latencies), max(latencies), (time.time() - started) / 60), flush=True)

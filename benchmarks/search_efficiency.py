@@ -52,11 +52,11 @@ def search(space_path: str, overrides: list[str], sampler: str, pruner: str, tri
            final_epochs: int | None = None) -> dict:
     space = load_space(space_path, overrides)
     space.study.sampler, space.study.pruner, space.study.seed, space.study.n_trials = sampler, pruner, seed, trials
-    space.study.baseline = False  # the same fixed cost for both searches: left out of the comparison
+    space.study.control = 0  # the same fixed cost for both searches: left out of the comparison
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'study.db'}"
         t0 = time.perf_counter()
-        study = run(space, open_storage(url, space.study.heartbeat), url, None)
+        (study,) = run(space, open_storage(url, space.study.heartbeat), url, None)
         seconds = time.perf_counter() - t0
         done = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         test_acc = retrained(study, url, Path(tmp), final_epochs) if final_epochs is not False else None
@@ -79,12 +79,12 @@ def population(space_path: str, overrides: list[str], seed: int, final_epochs: i
     from search.ray_backend import run as run_ray
 
     space = load_space(space_path, overrides)
-    space.study.seed = seed
+    space.study.seed, space.study.control = seed, 0
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'study.db'}"
         t0 = time.perf_counter()
-        study = run_ray(space, open_storage(url, space.study.heartbeat), url, None,
-                        max_concurrent=space.study.population, root=Path(tmp) / "study")
+        (study,) = run_ray(space, open_storage(url, space.study.heartbeat), url, None,
+                           max_concurrent=space.study.population, root=Path(tmp) / "study")
         seconds = time.perf_counter() - t0
         members = [t for t in study.trials if t.state == TrialState.COMPLETE]
         test_acc = retrained(study, url, Path(tmp), final_epochs)

@@ -8,8 +8,7 @@ one machine; never ``<journal>.lock``, the path of Optuna's own journal lock).
 
 The budget counts COMPLETE, PRUNED, RUNNING and WAITING trials and the FAILed ones that were not queued
 again: a retry of a killed trial costs nothing, and a trial that failed for good (diverged, out of
-memory) still uses its slot, so a study whose every config fails ends instead of looping. The study's
-baseline trial (its base config without heads) is never counted.
+memory) still uses its slot, so a study whose every config fails ends instead of looping.
 """
 
 from __future__ import annotations
@@ -60,16 +59,10 @@ def budget_lock(storage: optuna.storages.BaseStorage, url: str, study_name: str)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def is_baseline(trial: FrozenTrial | optuna.Trial) -> bool:
-    """The study's baseline trial: its base config without heads (``search/study.py``)."""
-    return bool(trial.user_attrs.get("baseline"))
-
-
 def used(trials: list[FrozenTrial]) -> int:
     """Trials that count against the budget (see the module docstring)."""
     retried = {n for t in trials for n in retry_history(t)}
-    return sum(t.state in USED or (t.state == TrialState.FAIL and t.number not in retried)
-               for t in trials if not is_baseline(t))
+    return sum(t.state in USED or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
 
 
 def remaining(trials: list[FrozenTrial], n_trials: int) -> int:

@@ -1,6 +1,7 @@
 """``snn-search COMMAND``: the search's commands in one entry point, as Optuna ships ``optuna``.
 
     snn-search run --space spaces/lambda_decay.yaml      run (or resume) a search
+    snn-search confirm --study NAME                      the winners against the control, over seeds, at full length
     snn-search export --study NAME                       write the best config (and model) of a study
     snn-search retrain studies/NAME/best.yaml            train it at full length on train + validation
     snn-search report --study NAME                       did the heads help? an HTML report
@@ -13,6 +14,7 @@ import sys
 
 COMMANDS = {  # command -> module with make_parser() and main(argv)
     "run": "search.run",
+    "confirm": "search.confirm",
     "export": "search.export",
     "retrain": "search.retrain",
     "report": "search.report",

@@ -6,7 +6,9 @@ Writes ``studies/<name>/best.yaml`` (and ``trial_<n>.yaml`` for each of the top-
 trainer config with a ``provenance`` section (study, storage, trial, values, params, ``final`` overrides)
 that ``python -m trainer --config`` and ``search/retrain.py`` accept, and ``best_model.pt``, the best
 trial's trained model (without heads) from the study's artifact store. Only trials that ran every
-epoch count: a run cut short by a scheduler is never picked over a full one.
+epoch count: a run cut short by a scheduler is never picked over a full one. Where ``snn-search confirm``
+ran, ``best.yaml`` is its winner over seeds instead (``provenance.confirmed`` says so): a trial of either
+arm, or the recipe.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial
 
 from search import compat
+from search.finding import load_finding
 from search.storage import artifact_store, default_url, study_dir
-from search.study import load_study, select
+from search.study import companion, load_study, select, trial_config
 from trainer.checkpoint import MODEL_FILE
 from trainer.errors import Parser, UserError, command
 
@@ -31,10 +34,7 @@ from trainer.errors import Parser, UserError, command
 def exported(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> dict:
     """The trial's config and provenance; a PBT member's lambda is the schedule it realised, epoch by
     epoch (its donors' epochs before each copy included), as ``lambda.schedule: table``."""
-    config = dict(trial.user_attrs["config"])
-    if "lambda_trajectory" in trial.user_attrs:
-        config["lambda"] = {**config["lambda"], "schedule": "table", "fraction": 1.0,
-                            "table": trial.user_attrs["lambda_trajectory"]}
+    config = trial_config(trial)
     config["provenance"] = {
         "study": study.study_name,
         "storage": storage_url,
@@ -61,13 +61,40 @@ def copy_model(study: optuna.Study, trial: FrozenTrial, path: Path) -> bool:
     return True
 
 
+def confirmed(study: optuna.Study, storage_url: str) -> tuple[optuna.Study, FrozenTrial | None, dict] | None:
+    """Where ``snn-search confirm`` ran: (the winner's study, its trial or None for the recipe, its exported
+    config, whose provenance says it was confirmed)."""
+    finding = load_finding(study)
+    if finding is None or not finding.results:
+        return None
+    winner = next(r for r in finding.results if r.label == finding.winner)
+    note = {"label": winner.label, "test_acc_mean": winner.mean, "test_acc_sd": winner.sd, "seeds": winner.seeds,
+            "versus_control": next((c.verdict for c in finding.comparisons if c.label == winner.label), None),
+            "date": finding.date}
+    if winner.arm == "recipe":
+        config = {k: v for k, v in study.user_attrs["recipe"].items() if k != "provenance"}
+        config["provenance"] = {"study": study.study_name, "storage": storage_url, "recipe": True,
+                                "final": study.user_attrs.get("final", {}), "confirmed": note}
+        return study, None, config
+    arm = companion(study) if winner.arm == "control" else study
+    trial = arm.trials[winner.trial]
+    config = exported(arm, trial, storage_url)
+    config["provenance"]["confirmed"] = note
+    return arm, trial, config
+
+
 def export(study_name: str, storage_url: str, out_dir: Path, top_k: int = 1, pareto: bool = False) -> list[Path]:
+    """``best.yaml`` (the confirmed winner where ``snn-search confirm`` ran, else the best full trial) and its
+    model; with ``top_k`` or ``pareto`` also ``trial_<n>.yaml`` for each of those trials."""
     study = load_study(study_name, storage_url)
     trials = select(study, top_k, pareto)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "best.yaml"]
-    paths[0].write_text(yaml.safe_dump(exported(study, trials[0], storage_url), sort_keys=False))
-    if copy_model(study, trials[0], out_dir / "best_model.pt"):
+    winner = confirmed(study, storage_url) if not pareto else None
+    arm, best, config = winner or (study, trials[0], exported(study, trials[0], storage_url))
+    paths[0].write_text(yaml.safe_dump(config, sort_keys=False))
+    (out_dir / "best_model.pt").unlink(missing_ok=True)  # never a model of another config than best.yaml's
+    if best is not None and copy_model(arm, best, out_dir / "best_model.pt"):
         paths.append(out_dir / "best_model.pt")
     if top_k > 1 or pareto:
         for trial in trials:

@@ -15,8 +15,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from search.budget import is_baseline
-from search.study import FINISHED, baseline, select
+from search.space import CONFIRM, CONTROL
+from search.study import FINISHED, best_full, is_full, select
 from trainer.fit import EpochReport
 
 
@@ -46,13 +46,14 @@ class EpochProgress:
     def epoch(self, report: EpochReport) -> None:
         self.ran += 1
         m = report.metrics
+        score = ("val_acc", m["val_acc"]) if "val_acc" in m else ("train_acc", m["train_acc"])  # no val: retraining
         if self.bar is not None:
-            self.bar.set_postfix(val_acc=f"{m['val_acc']:.3f}", lam=f"{m['lambda']:.2f}", refresh=False)
+            self.bar.set_postfix({score[0]: f"{score[1]:.3f}", "lam": f"{m['lambda']:.2f}"}, refresh=False)
             self.bar.update(1)
             return
         per_epoch = (time.perf_counter() - self.started) / self.ran
         left = self.epochs - report.epoch - 1
-        print(f"{self.tag}trial {self.number} epoch {report.epoch + 1}/{self.epochs} val_acc={m['val_acc']:.4f} "
+        print(f"{self.tag}trial {self.number} epoch {report.epoch + 1}/{self.epochs} {score[0]}={score[1]:.4f} "
               f"lambda={m['lambda']:.3f} {per_epoch:.1f} s/epoch ETA {_duration(per_epoch * left)}",
               file=self._stream(), flush=True)
 
@@ -79,33 +80,47 @@ def _fmt(value: object) -> str:
 
 
 class TrialLine:
-    """One line per finished trial: number, state, value, best so far, params."""
+    """One line per finished trial: its arm, number, state, value, the best of each arm so far, params."""
 
     def __init__(self, tag: str = "", out: TextIO | None = None) -> None:
         self.tag, self.out = tag, out
         self.started = time.perf_counter()
 
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    def __call__(self, arms: list[optuna.Study], study: optuna.Study, trial: FrozenTrial) -> None:
+        """``trial`` of ``study`` ended; ``arms`` are the search's studies, heads first."""
+        done = sum(len(a.get_trials(deepcopy=False, states=FINISHED)) for a in arms)
         value = trial.values if trial.values and len(trial.values) > 1 else trial.value
-        line = f"[{time.perf_counter() - self.started:6.0f}s] {self.tag}trial {trial.number} {trial.state.name.lower()}"
+        line = (f"[{time.perf_counter() - self.started:6.0f}s] {self.tag}{arm_label(study)}trial {trial.number} "
+                f"{trial.state.name.lower()}")
         if value is not None:
             line += f" value={_fmt(value)}"
         if trial.state == TrialState.PRUNED:
             line += f" after {trial.last_step} epochs"
         if trial.state == TrialState.FAIL and "fail_reason" in trial.user_attrs:
             line += f" ({trial.user_attrs['fail_reason']})"
-        single = len(study.directions) == 1
-        reference = baseline(study) if single else None
-        if is_baseline(trial):
-            line += " (baseline: the base config without heads)"
-        elif reference is not None and trial.value is not None:
-            line += f" ({trial.value - reference.value:+.4g} vs. baseline)"
-        try:  # the trials export and report would pick: full-length, never the baseline
-            chosen = select(study, pareto=not single)
-            line += f" | best={_fmt(chosen[0].value)} (trial {chosen[0].number})" if single else \
-                f" | pareto front: {len(chosen)} trials"
-        except ValueError:  # no full-length trial yet
-            pass
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+        line += f" | {best_line(arms)}" if best_line(arms) else ""
+        confirm = trial.user_attrs.get("confirm")  # a retraining of `snn-search confirm`: which config, which seed
+        params = f"{confirm['label']}, seed {confirm['seed']}" if confirm else \
+            ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
         print(f"{line} | {done} finished | {params}", file=self.out or sys.stdout, flush=True)
+
+
+def arm_label(study: optuna.Study) -> str:
+    """What a trial number is prefixed with: "control " in the control arm, nothing in the search's own."""
+    return "control " if study.study_name.endswith(CONTROL) else ""
+
+
+def best_line(arms: list[optuna.Study]) -> str:
+    """The best full-length trial of each arm so far: with heads, and without (the control arm)."""
+    if arms[0].study_name.endswith(CONFIRM):  # retrainings of different configs: no best to speak of yet
+        return ""
+    if len(arms[0].directions) > 1:
+        front = [t for t in arms[0].get_trials(deepcopy=False) if is_full(t)]
+        return f"pareto front: {len(select(arms[0], pareto=True))} trials" if front else ""
+    heads = best_full(arms[0])
+    control = best_full(arms[1]) if len(arms) > 1 else None
+    label = "best with heads" if len(arms) > 1 else "best"
+    parts = [f"{label}={_fmt(heads.value)} (trial {heads.number})"] if heads else []
+    if control:
+        parts.append(f"without={_fmt(control.value)} (control trial {control.number})")
+    return ", ".join(parts)

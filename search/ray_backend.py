@@ -31,14 +31,14 @@ from ray.tune.search import BasicVariantGenerator  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from search import compat, pbt  # noqa: E402
-from search.budget import claim_worker, is_baseline, remaining  # noqa: E402
+from search.budget import claim_worker, remaining  # noqa: E402
 from search.progress import EpochProgress  # noqa: E402
 from search.pruners import make_scheduler  # noqa: E402
 from search.retry import requeue  # noqa: E402
 from search.samplers import POPULATION, make_sampler  # noqa: E402
-from search.space import Param, Space, suggest  # noqa: E402
-from search.storage import artifact_store, study_dir  # noqa: E402
-from search.study import BASELINE, create_study  # noqa: E402
+from search.space import Space  # noqa: E402
+from search.storage import arm_dir, artifact_store, study_dir  # noqa: E402
+from search.study import create_study  # noqa: E402
 from search.trial import Outcome, TrialRecord, directories, finish, run_trial, trial_dir  # noqa: E402
 from trainer import stop  # noqa: E402
 from trainer.checkpoint import STATE_FILE, load_history  # noqa: E402
@@ -109,6 +109,10 @@ def _trainable(space: Space):
             tune.report({m: float("nan") for m in space.study.metrics}
                         | {"epochs_run": outcome.attrs.get("epochs_run", 0),
                            "attrs": json.dumps({**outcome.attrs, "fail_reason": outcome.fail_reason})})
+        elif space.on_test:  # the score comes after the last epoch: one result more
+            epochs = outcome.attrs["epochs_run"]
+            tune.report(dict(zip(space.study.metrics, outcome.values)) | {
+                "epochs_run": epochs, "epochs_total": epochs, "attrs": json.dumps(outcome.attrs)})
 
     return train
 
@@ -234,11 +238,11 @@ class Members(tune.Callback):
 class DefineByRun:
     """The space as Ray's define-by-run function (a class, so Tune can pickle the searcher)."""
 
-    def __init__(self, params: list[Param]) -> None:
-        self.params = params
+    def __init__(self, space: Space) -> None:
+        self.space = space
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        return {"values": BASELINE if is_baseline(trial) else suggest(trial, self.params)}
+        return {"values": self.space.values(trial)}
 
 
 def _searcher(space: Space, storage: optuna.storages.BaseStorage, url: str, study: optuna.Study,
@@ -246,7 +250,7 @@ def _searcher(space: Space, storage: optuna.storages.BaseStorage, url: str, stud
     modes = ["max" if d == "maximize" else "min" for d in space.study.directions]
     metrics = space.study.metrics
     return StudySearch(
-        space=DefineByRun(space.params),
+        space=DefineByRun(space),
         metric=metrics[0] if len(metrics) == 1 else metrics,
         mode=modes[0] if len(modes) == 1 else modes,
         sampler=make_sampler(space, claim_worker(study, storage, url)),  # the driver is one more worker
@@ -287,10 +291,20 @@ class StopSignal(tune.Stopper):
 
 def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,
         address: str | None = None, cpus_per_trial: float = 1, gpus_per_trial: float = 0,
-        max_concurrent: int = 2, root: Path | None = None) -> optuna.Study:
-    """Top the study up to ``study.n_trials`` trials with Ray Tune (budget as in ``search/budget.py``), or
-    with ``study.sampler: pbt`` train one population of ``study.population`` members."""
+        max_concurrent: int = 2, root: Path | None = None) -> list[optuna.Study]:
+    """Each arm of the search (``Space.arms``) in turn on one Ray: top its study up to ``study.n_trials``
+    trials (budget as in ``search/budget.py``), or with ``study.sampler: pbt`` train one population."""
     root = root or study_dir(url, space.study.name)
+    try:
+        return [run_arm(arm, storage, url, timeout, address, cpus_per_trial, gpus_per_trial, max_concurrent,
+                        arm_dir(root, space.study.name, arm.study.name)) for arm in space.arms()]
+    finally:
+        ray.shutdown()
+
+
+def run_arm(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None, address: str | None,
+            cpus_per_trial: float, gpus_per_trial: float, max_concurrent: int, root: Path) -> optuna.Study:
+    """One arm of the search on Ray Tune."""
     study = create_study(space, storage, root)
     s, pbt_run = space.study, space.study.sampler in POPULATION
     experiment = (root / "ray" / s.name).resolve()
@@ -360,10 +374,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
         ),
     )
     print(f"study {s.name!r}: {what}", flush=True)
-    try:
-        tuner.fit()
-    finally:
-        ray.shutdown()
+    tuner.fit()
     signum = stop.requested()
     if signum and pbt_run:
         print(f"{stop.WHY[signum]}: the members go on from their last checkpoints on the next run", flush=True)

@@ -1,12 +1,13 @@
 """Did the heads help? One report per study: ``snn-search report --study NAME [--storage URL]``.
 
-A summary (best config and value, gain over the baseline trial, epochs spent against running every
-trial at full length, trials by state), then figures that each say in a sentence what they show: the
-optimization history (or the Pareto front), learning curves of the top trials with their lambda, the
-gradient reaching each LIF layer in the best trial and the baseline, the heads' share of it, accuracy vs.
-timesteps (when T varies) and parameter importances. Written to ``studies/<name>/report.html`` with
-plotly.js inlined, so it opens offline; ``publish`` puts the same summary and the SNN figures into the
-study for optuna-dashboard (``save_note``, ``save_plotly_graph_object``).
+A summary (the best trial with heads against the best of the control arm without them, the confirmation
+over seeds where ``snn-search confirm`` ran, epochs spent against running every trial at full length,
+trials by state), then figures whose sentences are computed from their data: the optimization history of
+both arms (or the Pareto front), learning curves of the top trials with their lambda, the gradient reaching
+each LIF layer relative to the last one in the best trial of each arm, the heads' share of it, accuracy vs.
+timesteps (when T varies) and parameter importances (with enough trials). Written to
+``studies/<name>/report.html`` with plotly.js inlined, so it opens offline; ``publish`` puts the same
+summary and the SNN figures into the study for optuna-dashboard (``save_note``, ``save_plotly_graph_object``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from plotly.colors import DEFAULT_PLOTLY_COLORS
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from search.budget import is_baseline
+from search.finding import load_finding
 from search.storage import default_url, study_dir
-from search.study import baseline, is_full, load_study, select
+from search.study import best_full, companion, is_full, load_study, select
 from trainer.config import Config
 from trainer.errors import Parser, command
 from trainer.schedule import balance
@@ -38,7 +39,7 @@ class Section:
     title: str
     says: str  # one sentence: what the figure shows, or why there is none
     figure: go.Figure | None = None
-    dashboard: bool = False  # optuna-dashboard draws Optuna's own plots itself; ours go into the study
+    dashboard: bool = False  # goes into the study for optuna-dashboard (which draws Optuna's own plots itself)
 
 
 def _lambdas(trial: FrozenTrial) -> list[float]:
@@ -62,8 +63,8 @@ def _learning_curves(top: list[FrozenTrial], reference: FrozenTrial | None, metr
                                  name=f"trial {t.number} lambda"), secondary_y=True)
     if reference is not None:
         fig.add_trace(go.Scatter(y=[h.get(metric) for h in reference.user_attrs["history"]], mode="lines",
-                                 line={"color": "black", "dash": "dash"}, name=f"baseline (trial {reference.number})"),
-                      secondary_y=False)
+                                 line={"color": "black", "dash": "dash"},
+                                 name=f"control arm's best (trial {reference.number})"), secondary_y=False)
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(title_text=metric, secondary_y=False)
     return fig.update_yaxes(title_text="lambda (weight of the heads' loss)", range=[0, 1.05], tickmode="linear",
@@ -87,19 +88,78 @@ def _population(members: list[FrozenTrial]) -> go.Figure:
                              yaxis_range=[0, 1.05])
 
 
-def _first_flow(trial: FrozenTrial) -> dict[str, float]:
-    flow = trial.user_attrs.get("grad_flow") or {}
+def _first_flow(trial: FrozenTrial | None) -> dict[str, float]:
+    flow = (trial.user_attrs.get("grad_flow") or {}) if trial is not None else {}
     return dict(zip(flow.get("layers", []), (flow.get("mean") or [[]])[0]))
 
 
-def _gradient_flow(best: FrozenTrial, reference: FrozenTrial | None) -> go.Figure:
+def relative(flow: dict[str, float]) -> dict[str, float]:
+    """Each layer's gradient over the last layer's: the shape of the flow, whatever weights the loss had
+    (the heads arm's main loss weighs 1 - lambda, 0.01 at lambda 0.99), so two trials compare like with like."""
+    last = list(flow.values())[-1] if flow else 0.0
+    return {layer: value / last for layer, value in flow.items()} if last > 0 else {}
+
+
+def _main_part(trial: FrozenTrial) -> dict[str, float]:
+    split = (trial.user_attrs.get("grad_flow") or {}).get("split") or {}
+    return {layer: s["mean"] for layer, s in split.get("main", {}).items()}
+
+
+def gradient_flow(best: FrozenTrial, control: FrozenTrial | None) -> Section:
+    """The first epoch's gradient at each LIF input relative to the last layer's, for the best trial with heads
+    (its whole loss, and its main loss's part alone) and the control arm's best; the sentence says which keeps
+    more gradient at the input side, and by what factor."""
+    title = "Gradient flow relative to the last layer: best with heads vs. best without"
+    heads, main, plain = relative(_first_flow(best)), relative(_main_part(best)), relative(_first_flow(control))
+    if not heads:
+        return Section(title, "The best trial recorded no gradient flow (run.grad_stats is off).", dashboard=True)
     fig = go.Figure()
-    for trial, label in ((best, "best"), (reference, "baseline")):
-        flow = _first_flow(trial) if trial is not None else {}
-        if flow:
-            fig.add_trace(go.Bar(x=list(flow), y=list(flow.values()), name=f"{label} (trial {trial.number})"))
-    return fig.update_layout(yaxis_type="log", yaxis_title="mean |dL/dx| at the LIF input, first epoch",
-                             xaxis_title="LIF layer, input side first", barmode="group")
+    for curve, name in ((plain, f"control arm's best, trial {control.number}" if control else ""),
+                        (heads, f"with heads: whole loss, trial {best.number}"),
+                        (main, f"with heads: main loss's part alone, trial {best.number}")):
+        if curve:
+            fig.add_trace(go.Scatter(x=list(curve), y=list(curve.values()), mode="lines+markers", name=name))
+    fig.update_layout(yaxis_type="log", xaxis_title="LIF layer, input side first",
+                      yaxis_title="mean |dL/dx| at the LIF input / the last layer's, first epoch")
+    first = next(iter(heads))
+    if not plain:
+        says = (f"With heads, the input side ({first}) gets {heads[first]:.3g}x the last layer's gradient; the "
+                f"control arm has no full-length trial with gradient flow to compare with.")
+    else:
+        ratio = heads[first] / plain[first] if plain[first] > 0 else float("inf")
+        verdict = "the heads lift the gradient that reaches the input side" if ratio > 1 else \
+            "the heads do not lift the gradient that reaches the input side"
+        says = (f"At the input side ({first}), relative to its last layer, the best trial with heads keeps "
+                f"{ratio:.3g}x the gradient of the control arm's best ({heads[first]:.3g} against "
+                f"{plain[first]:.3g}): {verdict}.")
+    return Section(title, says, fig, dashboard=True)
+
+
+def history(arms: list[optuna.Study], metric: str) -> Section:
+    """Every finished trial of each arm in its own colour, pruned ones marked at their last reported value,
+    and each arm's best so far."""
+    fig, told = go.Figure(), []
+    sign = 1 if arms[0].direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    for i, study in enumerate(arms):
+        colour = DEFAULT_PLOTLY_COLORS[i % len(DEFAULT_PLOTLY_COLORS)]
+        label = "without heads (control arm)" if i else ("with heads" if len(arms) > 1 else "trials")
+        done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                       if t.value is not None or t.intermediate_values), key=lambda t: t.datetime_complete)
+        values = [t.value if t.value is not None else t.intermediate_values[t.last_step] for t in done]
+        pruned = sum(t.state == TrialState.PRUNED for t in done)
+        told.append(f"{len(done)} {label} ({pruned} pruned)")
+        fig.add_trace(go.Scatter(x=[t.number for t in done], y=values, mode="markers", name=label,
+                                 marker={"color": colour, "symbol": ["x" if t.state == TrialState.PRUNED else "circle"
+                                                                     for t in done]},
+                                 text=[f"trial {t.number} {t.state.name.lower()}" for t in done]))
+        full = [(t.number, t.value) for t in done if is_full(t)]
+        best = [max(v * sign for _, v in full[:k + 1]) * sign for k in range(len(full))]
+        fig.add_trace(go.Scatter(x=[n for n, _ in full], y=best, mode="lines", line={"color": colour},
+                                 name=f"{label}: best so far"))
+    fig.update_layout(xaxis_title="trial number (of its arm)", yaxis_title=metric)
+    return Section("Optimization history", f"Each marker is a finished trial: {', '.join(told)}; a cross was "
+                   f"pruned and stands at the last {metric} it reported; each line is its arm's best full-length "
+                   f"trial so far.", fig)
 
 
 def _heads_share(best: FrozenTrial) -> go.Figure | None:
@@ -110,7 +170,7 @@ def _heads_share(best: FrozenTrial) -> go.Figure | None:
     share = {layer: heads.get(layer, {}).get("mean", 0.0) / (heads.get(layer, {}).get("mean", 0.0) + s["mean"])
              for layer, s in main.items() if s["mean"] > 0}
     fig = go.Figure(go.Bar(x=list(share), y=list(share.values()), name=f"trial {best.number}"))
-    return fig.update_layout(yaxis_title="heads' part / (heads' + main's), mean |dL/dx|", yaxis_range=[0, 1],
+    return fig.update_layout(yaxis_title="heads' part / (heads' + main's), mean |dL/dx|",
                              xaxis_title="LIF layer, input side first")
 
 
@@ -121,32 +181,46 @@ def _timesteps(trials: list[FrozenTrial], metric: str) -> go.Figure:
     return fig.update_layout(xaxis_title="timesteps T", yaxis_title=metric)
 
 
+MIN_IMPORTANCE_TRIALS = 10  # fANOVA fits a random forest to the complete trials; with fewer, its split swings with each new trial
+
+
+def _counts(study: optuna.Study) -> str:
+    counts = {s.name.lower(): sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}
+    return ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none yet"
+
+
+def _described(trial: FrozenTrial | None, metric: str, what: str) -> str:
+    if trial is None:
+        return f"no {what} has completed all its epochs yet"
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    return f"trial {trial.number}: {metric}={trial.value:.4g} with {params or 'the base config'}"
+
+
 def summary(study: optuna.Study) -> list[tuple[str, str]]:
-    """(label, text) pairs: what a user wants to know first."""
+    """(label, text) pairs: what a user wants to know first. With a control arm: the best with heads against
+    the best without, and where ``snn-search confirm`` ran, its finding over seeds."""
     metrics = study.user_attrs.get("metrics") or ["value"]
-    trials = study.get_trials(deepcopy=False)
-    searched = [t for t in trials if not is_baseline(t)]
-    counts = {s.name.lower(): sum(t.state == s for t in searched) for s in TrialState}
-    rows = [("study", f"{study.study_name}: {', '.join(metrics)} "
-                      f"({', '.join(d.name.lower() for d in study.directions)})"),
-            ("trials", ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none yet")]
-    reference = baseline(study)
-    if reference is not None:
-        rows[-1] = ("trials", f"{rows[-1][1]}, and the baseline")
-    try:
-        best = select(study, pareto=len(study.directions) > 1)
-    except ValueError as err:
-        return rows + [("best", str(err))]
+    control = companion(study)
+    rows = [("study", f"{study.study_name}: {', '.join(metrics)} ({', '.join(d.name.lower() for d in study.directions)})"),
+            ("trials with heads" if control else "trials", _counts(study))]
+    if control:
+        rows.append(("trials without heads", f"{_counts(control)} (the control arm, {control.study_name})"))
     if len(study.directions) > 1:
+        full = [t for t in study.get_trials(deepcopy=False) if is_full(t)]
         rows.append(("Pareto front", "; ".join(f"trial {t.number}: " + ", ".join(
-            f"{m}={v:.4g}" for m, v in zip(metrics, t.values)) for t in best)))
+            f"{m}={v:.4g}" for m, v in zip(metrics, t.values)) for t in select(study, pareto=True)) if full else
+            "no trial has completed all its epochs yet"))
     else:
-        top = best[0]
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in top.params.items())
-        rows.append(("best", f"trial {top.number}: {metrics[0]}={top.value:.4g} with {params or 'the base config'}"))
-        rows.append(("gain over the baseline", f"{top.value - reference.value:+.4g} (baseline: trial "
-                     f"{reference.number}, the base config without heads, {metrics[0]}={reference.value:.4g})"
-                     if reference else "no baseline trial in this study"))
+        best, plain = best_full(study), best_full(control)
+        rows.append(("best with heads" if control else "best", _described(best, metrics[0], "trial")))
+        if control:
+            rows.append(("best without heads", _described(plain, metrics[0], "control trial")))
+        if best and plain:
+            rows.append(("with heads - without, one run each", f"{best.value - plain.value:+.4g} at one seed: "
+                         f"`snn-search confirm` retrains both over seeds at full length before this is a finding"))
+    rows += confirm_rows(study)
+    arms = [study, control] if control else [study]
+    trials = [t for a in arms for t in a.get_trials(deepcopy=False)]
     spent = sum(t.user_attrs.get("epochs_run", 0) for t in trials)
     full = sum(t.user_attrs["config"]["optim"]["epochs"] for t in trials if "config" in t.user_attrs)
     if full:
@@ -161,39 +235,33 @@ def sections(study: optuna.Study, dashboard: bool = False) -> list[Section]:
     a large study)."""
     metrics = study.user_attrs.get("metrics") or ["value"]
     multi = len(study.directions) > 1
+    control = companion(study)
     vis = optuna.visualization
     out = [] if dashboard else [
         Section("Pareto front", f"Each dot is a trial's {' and '.join(metrics)}; the front holds the trials no "
                 "other trial beats in every objective.", vis.plot_pareto_front(study, target_names=metrics))
-        if multi else
-        Section("Optimization history", f"Each dot is a trial's final {metrics[0]}; the line is the best so far.",
-                vis.plot_optimization_history(study, target_name=metrics[0]))]
+        if multi else history([study, control] if control else [study], metrics[0])]
+    found = confirmation(study)
+    if found:
+        out.append(found)
     full = [t for t in study.get_trials(deepcopy=False) if is_full(t)]
     if not full:
-        return out + [Section("Trials", "No trial has completed all its epochs yet.")]
+        return out + [Section("Trials", "No trial has completed all its epochs yet.", dashboard=True)]
     top = select(study, pareto=True)[:5] if multi else select(study, top_k=5)
-    reference = baseline(study)
+    reference = best_full(control)
     out.append(Section(
         "Learning curves and lambda of the top trials",
         f"{metrics[0]} per epoch of the {'Pareto' if multi else len(top)} best trials (solid) with the lambda "
-        "each trained under (dotted, right axis)" + ("; dashed black: the baseline without heads." if reference
-                                                     else "."),
+        "each trained under (dotted, right axis)" + ("; dashed black: the control arm's best, without heads."
+                                                     if reference else "."),
         _learning_curves(top, reference, "val_acc" if metrics[0] not in top[0].user_attrs["history"][0]
                          else metrics[0]), dashboard=True))
-    if _first_flow(top[0]):
-        out.append(Section(
-            "Gradient flow: best trial vs. baseline",
-            "The surrogate gradient reaching each LIF layer in the first epoch (mean |dL/dx| at its input), from "
-            "the stem to the last layer: where the best trial's bars stand above the baseline's, the heads sent "
-            "more gradient to that depth.", _gradient_flow(top[0], reference), dashboard=True))
-    else:
-        out.append(Section("Gradient flow: best trial vs. baseline", "The best trial recorded no gradient flow "
-                           "(run.grad_stats is off, or the study predates it)."))
+    out.append(gradient_flow(top[0], reference))
     share = _heads_share(top[0])
     out.append(Section("The heads' share of the gradient", "Of the gradient reaching each LIF layer in the best "
                        "trial's first steps, the part that came from the heads' loss (the rest came from the main "
                        "output's).", share, dashboard=True) if share else
-               Section("The heads' share of the gradient", "The best trial trained without heads."))
+               Section("The heads' share of the gradient", "The best trial trained without heads.", dashboard=True))
     members = [t for t in study.get_trials(deepcopy=False) if "copies" in t.user_attrs]
     if members:
         copies = sum(len(t.user_attrs["copies"]) for t in members)
@@ -206,14 +274,42 @@ def sections(study: optuna.Study, dashboard: bool = False) -> list[Section]:
         out.append(Section(f"{metrics[0]} vs. timesteps", f"Each dot is a full-length trial's {metrics[0]} at the "
                            "number of timesteps it ran.", _timesteps(full, metrics[0]), dashboard=True))
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params]
-    if len(complete) >= 2 and not dashboard:
+    if dashboard:
+        return out
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        out.append(Section("Parameter importances", f"Too few complete trials to estimate them ({len(complete)} of "
+                           f"the {MIN_IMPORTANCE_TRIALS} needed: fANOVA fits a random forest to the complete "
+                           "trials, and with fewer its estimates swing with each new trial)."))
+    else:
         target = (lambda t: t.values[0]) if multi else None
         with warnings.catch_warnings():  # "few trials per regime": the sentence below says it is an estimate
             warnings.simplefilter("ignore", UserWarning)
             figure = vis.plot_param_importances(study, target=target, target_name=metrics[0])
-        out.append(Section("Parameter importances", f"An estimate of how much of the variation in {metrics[0]} "
-                           "each searched parameter explains (rough with few trials).", figure))
+        out.append(Section("Parameter importances", f"An estimate from {len(complete)} complete trials of how much "
+                           f"of the variation in {metrics[0]} each searched parameter explains.", figure))
     return out
+
+
+def confirmation(study: optuna.Study) -> Section | None:
+    """The confirmation's table, where ``snn-search confirm`` ran; its sentence is the verdicts."""
+    finding = load_finding(study)
+    if finding is None or not finding.results:
+        return None
+    against = {c.label: c for c in finding.comparisons}
+    rows = [[r.label, f"{r.mean:.4f}" + (f" ± {r.sd:.4f}" if r.sd is not None else ""), str(len(r.seeds)),
+             against[r.label].verdict if r.label in against else ""] for r in finding.results]
+    table = go.Figure(go.Table(header={"values": ["config", "test acc, mean ± sd", "seeds", "vs. the control arm's best"]},
+                               cells={"values": list(zip(*rows))}, columnwidth=[2, 1.2, 0.5, 4]))
+    return Section("Confirmation over seeds", f"Each config retrained at full length ({finding.epochs} epochs) on "
+                   f"train + validation, once per seed, and scored once on the test split ({finding.method}). "
+                   + " ".join(f"{c.label}: {c.verdict}." for c in finding.comparisons)
+                   + f" Winner: {finding.winner}.", table, dashboard=True)
+
+
+def confirm_rows(study: optuna.Study) -> list[tuple[str, str]]:
+    """The confirmation's table as summary rows, where ``snn-search confirm`` ran (``search/confirm.py``)."""
+    finding = load_finding(study)
+    return finding.rows() if finding else []
 
 
 @dataclass
@@ -247,9 +343,9 @@ def publish(study: optuna.Study, report: Report) -> None:
     import optuna_dashboard
 
     lines = [f"**{k}**: {v}" for k, v in report.rows]
-    lines += [f"- **{s.title}**: {s.says}" for s in report.sections if s.dashboard or s.figure is None]
+    lines += [f"- **{s.title}**: {s.says}" for s in report.sections if s.dashboard]
     optuna_dashboard.save_note(study, "\n\n".join(lines))
-    for i, s in enumerate(s for s in report.sections if s.dashboard):
+    for i, s in enumerate(s for s in report.sections if s.dashboard and s.figure is not None):
         s.figure.update_layout(title=s.title)
         optuna_dashboard.save_plotly_graph_object(study, s.figure, graph_object_id=f"snn{i}")
 

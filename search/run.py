@@ -20,12 +20,20 @@ from trainer.errors import Parser, UserError, command
 
 
 def lengths(space: Space) -> str:
-    """What a trial and the final retraining will train, said before anything runs."""
+    """What the arms and a trial and the final retraining will train, said before anything runs."""
     cfg, s = space.config({}), space.study
     pruned = "" if s.pruner == "none" else f", pruned no earlier than epoch {space.min_epochs()}"
-    return (f"trials: {cfg.optim.epochs} epochs each on {cfg.data.name} ({cfg.model.arch}, T={cfg.data.timesteps})"
-            f"{pruned}; final retraining (search/retrain.py): {space.final['optim.epochs']} epochs on train + "
-            f"validation")
+    control = space.control()
+    if control is None:
+        arms = f"{s.n_trials} trials"
+    elif control.params:
+        arms = (f"{s.n_trials} trials with heads, and {control.study.n_trials} without ({control.study.name}: the "
+                f"control arm, tuning {', '.join(p.key for p in control.params)} alike)")
+    else:
+        arms = f"{s.n_trials} trials with heads, and one run of the base without heads ({control.study.name})"
+    return (f"{arms}; trials: {cfg.optim.epochs} epochs each on {cfg.data.name} ({cfg.model.arch}, "
+            f"T={cfg.data.timesteps}){pruned}; final retraining (search/retrain.py): {space.final['optim.epochs']} "
+            f"epochs on train + validation")
 
 
 def make_parser(prog: str = "snn-search run") -> Parser:
@@ -113,7 +121,8 @@ def search(args: argparse.Namespace) -> int:
     except UserError as err:
         raise (UserError(f"{args.space}: study.storage: {err}") if url == space.study.storage else err) from None
     root = args.study_dir or study_dir(url, space.study.name)
-    artifact_store(artifact_location(space.study.artifacts, root))  # a missing package fails here
+    space.study.artifacts = artifact_location(space.study.artifacts, root)  # one store for every arm
+    artifact_store(space.study.artifacts)  # a missing package fails here
     space.study.n_trials = args.n_trials or space.study.n_trials  # the budget; TPE sizes its start-up by it
     timeout = args.timeout or space.study.timeout
     from search.study import create_study
@@ -130,24 +139,28 @@ def search(args: argparse.Namespace) -> int:
     if len(worker_devices) > 1:
         from search.workers import launch
 
-        study = create_study(space, storage, root)  # once, before the workers: creation races in SQLite
+        from search.storage import arm_dir
+
+        # once, before the workers: creation races in SQLite
+        arms = [create_study(arm, storage, arm_dir(root, space.study.name, arm.study.name)) for arm in space.arms()]
         code = launch(main, args, worker_devices)
-        if stop.requested() or code and unfinished(study):
+        if stop.requested() or code and any(unfinished(arm) for arm in arms):
             return code
     elif args.backend == "ray":
         from search.ray_backend import run as run_ray
 
-        study = run_ray(space, storage, url, timeout, args.address, args.cpus_per_trial,
-                        args.gpus_per_trial, args.max_concurrent, root)
+        arms = run_ray(space, storage, url, timeout, args.address, args.cpus_per_trial,
+                       args.gpus_per_trial, args.max_concurrent, root)
     else:
         from search.optuna_backend import run
 
         if worker_devices:
             space.base = {**space.base, "run": {**space.base.get("run", {}), "device": worker_devices[0]}}
         tag = "" if args.worker_index is None else f"w{args.worker_index} "
-        study = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
+        arms = run(space, storage, url, timeout, root, tag, args.worker_index or 0)
     if args.worker_index is not None:
         return 0
+    study = arms[0]
     from search.report import build, publish
 
     stop.point("report")
@@ -160,7 +173,12 @@ def search(args: argparse.Namespace) -> int:
     artifacts = study.user_attrs["artifacts"]
     if "://" not in artifacts:  # the dashboard's command line serves folders only
         dashboard += f" --artifact-dir {artifacts}"
-    print(f"done. browse: optuna-dashboard {dashboard}  (the study's note and figures say what the heads did)\n"
+    from search.progress import best_line
+
+    print(f"done. {best_line(arms)}\n"
+          f"browse: optuna-dashboard {dashboard}  (the study's note and figures say what the heads did)\n"
+          f"confirm: snn-search confirm --study {name} --storage {url}  (the winners against the control, over "
+          f"seeds, at full length)\n"
           f"export: snn-search export --study {name} --storage {url}\n"
           f"report: snn-search report --study {name} --storage {url}", flush=True)
     return code

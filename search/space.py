@@ -3,7 +3,7 @@
 A space file has four sections (see docs/how-to/write-a-space.md):
 
     study:  name, metric(s), direction(s), sampler, pruner, min_epochs, n_trials, timeout, seed, storage,
-            heartbeat, max_retry, artifacts, baseline
+            heartbeat, max_retry, artifacts, checkpoint_every, control, recipe, population, perturbation_interval
     base:   a full trainer config (same format as ``python -m trainer --config``)
     final:  dotted overrides applied when the best config is retrained at full length (``optim.epochs``:
             the base's own unless given; ``--base FILE`` swaps in a trainer config as the base)
@@ -28,7 +28,7 @@ from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -44,6 +44,9 @@ from trainer.probe import check
 from trainer.errors import UserError, quote
 
 MAX_GRID = 10**6  # grid points of one parameter: more would not run, and would fill memory at load
+HEAD_KEYS = ("heads.", "lambda.")  # what the control arm does not search: it trains without heads
+CONTROL = ".control"  # the control arm's study: the search's name and this
+CONFIRM = ".confirm"  # the study of `snn-search confirm`'s retrainings
 
 
 class SpaceError(UserError):
@@ -212,7 +215,11 @@ class Study(_Model):
     max_retry: Annotated[int, _count(0)] = 2  # times a trial whose worker died is queued again
     artifacts: _Text = None  # folder of the artifact store, or s3://bucket, gs://bucket; null: <study dir>/artifacts
     checkpoint_every: Annotated[int, _count(0)] = 0  # epochs between uploads of last.pt to the artifacts; 0: never
-    baseline: _Bool = True  # run the base config without heads once, to measure what the heads gained
+    # trials of the control arm, a companion study <name>.control that tunes the other parameters with heads
+    # off; null: n_trials; false: one run of the base without heads; 0: no control arm
+    control: Annotated[int | bool | None, _check(lambda v: v is None or v is False or (_integer(v) and v >= 0),
+                                                 "must be an integer >= 0, false or null")] = None
+    recipe: _Text = None  # a trainer config (configs/*.yaml) that `snn-search confirm` retrains as published
     population: Annotated[int, _count(2)] = 4  # sampler pbt, pb2: members trained at once (the study's trials)
     perturbation_interval: Annotated[int, _count(1)] = 2  # sampler pbt, pb2: epochs between copies
 
@@ -224,9 +231,6 @@ class Study(_Model):
             if data.setdefault("pruner", "none") != "none":
                 raise _bad("population-based training stops no member (allowed with sampler pbt or pb2: none)",
                            at="pruner")
-            if data.setdefault("baseline", False) is not False:
-                raise _bad("a population has no baseline trial (allowed with sampler pbt or pb2: false)",
-                           at="baseline")
         return data
 
     @field_validator("directions", mode="plain")
@@ -452,6 +456,36 @@ class Space:
     base: dict[str, Any]
     final: dict[str, Any]
     params: list[Param]
+    recipe: tuple[str, dict[str, Any]] | None = None  # (file, trainer config) that ``study.recipe`` or ``--base`` names
+    on_test: ClassVar[bool] = False  # trials score on the validation split each epoch (confirm's: test, once)
+
+    def carries_heads(self) -> bool:
+        """The trials train with shortcut heads (in the base or through a searched heads key)."""
+        return bool(self.config({}).heads.exits) or any(p.key.startswith("heads.") for p in self.params)
+
+    def control(self) -> Space | None:
+        """The control arm: a companion study, ``<name>.control``, that tunes this space's other parameters
+        (optimizer, timesteps, neuron, ...) with heads off, with the same sampler, pruner and seeds, so that
+        "did the heads help?" compares two arms tuned alike. With ``study.control: false``, or nothing else
+        to tune, it is one run of the base without heads. None where the trials carry no heads, or with
+        ``study.control: 0``."""
+        if not self.carries_heads() or (self.study.control is not False and self.study.control == 0):
+            return None
+        params = [] if self.study.control is False else [
+            p for p in self.params if not p.key.startswith(HEAD_KEYS) and not any(k.startswith(HEAD_KEYS) for k in p.when)]
+        study = self.study.model_copy(update={
+            "name": f"{self.study.name}{CONTROL}", "n_trials": (self.study.control or self.study.n_trials) if params else 1,
+            "sampler": self.study.sampler if params else "tpe", "pruner": self.study.pruner if params else "none",
+            "control": False, "recipe": None})
+        return Space(self.path, study, with_values(self.base, {"heads.exits": []}), self.final, params)
+
+    def values(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:
+        """A trial's values: sampled by its sampler (a queued trial's are fixed)."""
+        return suggest(trial, self.params)
+
+    def arms(self) -> list[Space]:
+        """The studies one search runs: this space's, then its control arm's (if any)."""
+        return [self, *filter(None, [self.control()])]
 
     def config(self, values: dict[str, Any]) -> Config:
         """The trainer config of one trial: base plus the sampled values at their dotted paths."""
@@ -520,9 +554,23 @@ def load_space(path: str | Path, overrides: list[str] = (), base: str | Path | N
             set_dotted(data, *parse_override(item))
     except ConfigError as err:
         raise SpaceError(f"{path}: {err}") from None
-    space = Space(path, file.study, data, final, params)
+    space = Space(path, file.study, data, final, params, _recipe(path, file.study.recipe, base))
     _check_configs(space)
     return space
+
+
+def _recipe(path: Path, recipe: str | None, base: Path | None) -> tuple[str, dict[str, Any]] | None:
+    """The trainer config that ``study.recipe`` names (a path relative to the working directory, as
+    ``--base`` is), else the ``--base`` file: what ``snn-search confirm`` retrains as published."""
+    source = Path(recipe) if recipe else base
+    if source is None:
+        return None
+    try:
+        data = read_yaml(source)
+        build(copy.deepcopy(data), str(source))
+    except ConfigError as err:
+        raise SpaceError(f"{path}: 'study.recipe': {err}" if recipe else f"--base: {err}") from None
+    return str(source), data
 
 
 def _check_configs(space: Space) -> None:

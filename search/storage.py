@@ -48,6 +48,12 @@ def study_dir(url: str, study_name: str) -> Path:
     return STUDIES_DIR / study_name
 
 
+def arm_dir(root: Path, main: str, arm: str) -> Path:
+    """The folder of study ``arm`` of the search ``main`` whose own folder is ``root``: a companion study's
+    sits beside it (``studies/x/`` -> ``studies/x.control/``, ``studies/x.confirm/``)."""
+    return root.with_name(root.name + arm.removeprefix(main))
+
+
 def timeouts(heartbeat: int) -> tuple[int, int]:
     """(storage timeout, grace period) in seconds: a beat blocked for the whole storage timeout still
     lands within the grace period, so a slow storage never makes a live trial look dead."""

@@ -10,19 +10,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.budget import is_baseline
-from search.space import Space
+from search import compat
+from search.space import CONTROL, Space
 from search.storage import artifact_location, open_storage
 from trainer.config import Config
 from trainer.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-BASELINE = {"heads.exits": []}  # the baseline trial's values: the base config, plain cross-entropy
-
-
-def carries_heads(space: Space) -> bool:
-    """The study's trials train with shortcut heads (in the base or through a searched heads key)."""
-    return bool(space.config({}).heads.exits) or any(p.key.startswith("heads.") for p in space.params)
 
 
 # Where and how a config runs, not what it is: workers on other devices or machines share a study.
@@ -93,8 +87,6 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path)
         _check_identity(space, stored, mine)
     if "identity" not in attrs:  # first creation (or a study from before identities)
         study.set_user_attr("identity", mine)
-        if stored is None and space.study.baseline and carries_heads(space):  # a new study: baseline first
-            study.enqueue_trial({}, user_attrs={"baseline": True})
     if attrs.get("space_file") is None:
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -103,6 +95,9 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path)
         study.set_user_attr("final", space.final)
         study.set_user_attr("artifacts", artifact_location(space.study.artifacts, root))
         study.set_user_attr("space_file", str(space.path))
+        if space.recipe is not None:
+            study.set_user_attr("recipe_file", space.recipe[0])
+            study.set_user_attr("recipe", space.recipe[1])
     return study
 
 
@@ -116,18 +111,37 @@ def load_study(study_name: str, storage_url: str) -> optuna.Study:
         raise UserError(f"storage {storage_url}: no study named {study_name!r}") from None
 
 
-def baseline(study: optuna.Study) -> FrozenTrial | None:
-    """The study's completed baseline trial (the base config without heads), if it has one."""
-    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_baseline(t)), None)
+def companion(study: optuna.Study, suffix: str = CONTROL) -> optuna.Study | None:
+    """The study's companion in the same storage (its control arm, ``<name>.control``), if there is one."""
+    try:
+        return optuna.load_study(study_name=study.study_name + suffix, storage=compat.storage(study))
+    except KeyError:
+        return None
+
+
+def best_full(study: optuna.Study | None) -> FrozenTrial | None:
+    """The best trial that completed all its epochs, if the study (one objective) has one."""
+    full = [t for t in study.get_trials(deepcopy=False) if is_full(t)] if study is not None else []
+    if not full or len(study.directions) > 1:
+        return None
+    return select(study)[0]
+
+
+def trial_config(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's trainer config as it trained; a PBT member's lambda as the schedule it realised, epoch by
+    epoch (``lambda.schedule: table``), since its config holds only its last value."""
+    config = dict(trial.user_attrs["config"])
+    if "lambda_trajectory" in trial.user_attrs:
+        config["lambda"] = {**config["lambda"], "schedule": "table", "fraction": 1.0,
+                            "table": trial.user_attrs["lambda_trajectory"]}
+    return config
 
 
 def is_full(trial: FrozenTrial) -> bool:
-    """A searched trial that completed all its configured epochs (not pruned, not stopped by a scheduler;
-    the baseline is a reference, never a candidate)."""
+    """A trial that completed all its configured epochs (not pruned, not stopped by a scheduler)."""
     config = trial.user_attrs.get("config")
     return (
         trial.state == TrialState.COMPLETE
-        and not is_baseline(trial)
         and config is not None
         and trial.user_attrs.get("epochs_run") == config["optim"]["epochs"]
         and not trial.user_attrs.get("truncated", False)

@@ -53,10 +53,11 @@ class TrialRecord:
     ``layers``, per-epoch rows ``mean`` and ``var``, and the first epoch's ``split`` into the main loss's
     and the heads' part), ``firing_rates`` (last epoch),
     ``epochs_run``, and ``starts`` (the epoch each run of this trial started from: [0, 5] means it was
-    resumed after epoch 5)."""
+    resumed after epoch 5). Without ``per_epoch`` (a confirmation, scored once on the test split at the end)
+    the values stay NaN until then."""
 
-    def __init__(self, metrics: list[str]) -> None:
-        self.metrics = metrics
+    def __init__(self, metrics: list[str], per_epoch: bool = True) -> None:
+        self.metrics, self.per_epoch = metrics, per_epoch
         self.values = [math.nan] * len(metrics)
         self.history: list[dict[str, float]] = []
         self.grads: dict[str, dict] = {}
@@ -66,7 +67,7 @@ class TrialRecord:
 
     def update(self, report: EpochReport) -> list[float]:
         train_time = sum(h["epoch_time"] for h in self.history) + report.metrics["epoch_time"]
-        self.values = [METRICS[m].read(report, train_time) for m in self.metrics]
+        self.values = [METRICS[m].read(report, train_time) if self.per_epoch else math.nan for m in self.metrics]
         self.history.append({**report.metrics, "spike_rate": spike_rate(report)})
         self.grads.setdefault("first", report.grad_stats)
         self.grads["last"] = report.grad_stats
@@ -154,7 +155,7 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
     the same name and are dropped. Only KeyboardInterrupt (and SystemExit) propagate; the
     checkpoint stays for the retry."""
     metrics = space.study.metrics
-    record = TrialRecord(metrics)
+    record = TrialRecord(metrics, per_epoch=not space.on_test)
     record.starts.extend(starts)
     try:
         cfg = space.config(values)
@@ -181,8 +182,12 @@ def run_trial(space: Space, number: int, values: dict, directory: Path, earlier:
             record.update(report)
             hook(record, report, True)
         progress.start(number, cfg.optim.epochs, len(restored))
-        fit(cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": str(directory), "resume": True})}),
-            on_epoch, test=False)
+        result = fit(cfg.model_copy(update={"run": cfg.run.model_copy(update={"out_dir": str(directory),
+                                                                              "resume": True})}),
+                     on_epoch, test=space.on_test)  # a search trial never reads the test split
+        if space.on_test:
+            record.values = [result.test[m] for m in metrics]
+            record.attrs["test"] = result.test
     except optuna.TrialPruned:
         return Outcome(TrialState.PRUNED, record.values, record.attrs)
     except Exception as err:  # noqa: BLE001 - any error fails this trial, not the worker

@@ -184,7 +184,7 @@ def test_depth_benchmark_compares_heads_per_depth(tmp_path: Path) -> None:
 
 
 TINY_SPACE = """
-study: {name: tiny, seed: 0, pruner: none, heartbeat: 1, baseline: false}
+study: {name: tiny, seed: 0, pruner: none, heartbeat: 1, control: 0}
 base:
   data: {timesteps: 2, batch_size: 32, limit: 128}
   model: {width: 4}

@@ -11,7 +11,7 @@ from conftest import ROOT
 BIN = Path(sys.executable).parent  # the venv's console scripts
 
 SPACE = """
-study: {name: cli, seed: 0, pruner: none, baseline: false}
+study: {name: cli, seed: 0, pruner: none, control: 0}
 base:
   data: {limit: 32, timesteps: 2, batch_size: 16}
   model: {width: 4}
@@ -49,7 +49,7 @@ def test_snn_search_run_and_the_documented_script_run_the_same_study(tmp_path):
 
 @pytest.mark.parametrize("cmd, fragments", [
     (["search/run.py", "--space", "no/such.yaml"], ["no/such.yaml: no such file"]),
-    (["-m", "search.cli", "bogus"], ["unknown command 'bogus'", "run, export, retrain, report"]),
+    (["-m", "search.cli", "bogus"], ["unknown command 'bogus'", "run, confirm, export, retrain, report"]),
     (["-m", "search.cli", "export", "--study", "nope", "--storage", "sqlite:///nope.db"], ["no such database file"]),
     (["-m", "search.cli", "report", "--study", "nope", "--storage", "sqlite:///nope.db"], ["no such database file"]),
     (["-m", "search.cli", "retrain", "no/such.yaml"], ["no/such.yaml: no such file"]),

@@ -16,7 +16,7 @@ from search.study import select
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: shared, seed: 0, pruner: none, heartbeat: 1, baseline: false{study}}}
+study: {{name: shared, seed: 0, pruner: none, heartbeat: 1, control: 0{study}}}
 base:
   data: {{limit: 48, timesteps: 2, batch_size: 16}}
   model: {{width: 4}}
@@ -49,7 +49,9 @@ def distinct_params(done):
 
 @pytest.mark.long(20)
 def test_two_workers_finish_exactly_n_trials_with_distinct_params(tmp_path, pg_url):
-    space = space_file(tmp_path)
+    """Two separate processes on one PostgreSQL study, with its control arm: each arm's budget is met
+    exactly, the control's single run once."""
+    space = space_file(tmp_path, study=", control: false")
     here = "--study-dir", str(tmp_path / "shared")
     first = worker(space, pg_url, 6, *here)  # two independent processes on one study, each its own seed stream
     second = worker(space, pg_url, 6, *here)
@@ -58,6 +60,7 @@ def test_two_workers_finish_exactly_n_trials_with_distinct_params(tmp_path, pg_u
     done = trials(pg_url)
     assert len(done) == 6 and sorted(t.number for t in done) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in done)
+    assert [t.state for t in trials(pg_url, "shared.control")] == [TrialState.COMPLETE]
     assert all("complete value=" in out for out in outputs)  # both workers ran trials
     assert distinct_params(done)
     assert sorted(int(out.split("sampler seed stream ")[1].split(",")[0]) for out in outputs) == [0, 1]
@@ -109,12 +112,24 @@ def test_ray_backend_writes_to_the_study_and_resumes(tmp_path):
 @pytest.mark.long(50)
 def test_ray_hyperband_pauses_and_resumes_trials_from_their_checkpoints(tmp_path):
     """HyperBand pauses trials at its milestones and resumes the best later: from the checkpoint Tune
-    got after their last epoch, not from epoch 0."""
+    got after their last epoch, not from epoch 0. The control arm (one run of the base without heads) runs
+    on the same Ray, and confirm's retrainings too."""
     url = f"sqlite:///{tmp_path}/ray.db"
-    space = space_file(tmp_path, epochs=3, study=", pruner: hyperband")  # brackets of 1 and 3 epochs
+    space = space_file(tmp_path, epochs=3, study=", pruner: hyperband, control: false")  # brackets of 1 and 3
     proc = worker(space, url, 6, "--backend", "ray", "--max-concurrent", "2")
     out = communicate(proc)
     assert proc.returncode == 0, out
+    (control,) = trials(url, "shared.control")
+    assert control.state == TrialState.COMPLETE and control.user_attrs["config"]["heads"]["exits"] == []
+    assert control.user_attrs["backend"] == "ray" and f"without={control.value:.4g} (control trial 0)" in out
+    confirm = subprocess.run([sys.executable, "-m", "search.cli", "confirm", "--study", "shared", "--storage", url,
+                              "--top-k", "1", "--seeds", "1", "--backend", "ray"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert confirm.returncode == 0, confirm.stdout + confirm.stderr
+    retrained = trials(url, "shared.confirm")  # the best with heads and the control, at seed 0
+    assert [t.state for t in retrained] == [TrialState.COMPLETE] * 2 and all(t.user_attrs["backend"] == "ray"
+                                                                            for t in retrained)
+    assert all(0 <= t.value <= 1 and t.value == t.user_attrs["test"]["test_acc"] for t in retrained)
     done = trials(url)
     assert len(done) == 6 and distinct_params(done)
     resumed = [t for t in done if any(s > 0 for s in t.user_attrs["starts"])]

@@ -27,7 +27,7 @@ from trainer.checkpoint import load_history
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: pop, seed: 0, sampler: pbt, population: 4, perturbation_interval: 2{study}}}
+study: {{name: pop, seed: 0, sampler: pbt, population: 4, perturbation_interval: 2, control: 0{study}}}
 base:
   data: {{limit: 48, timesteps: 2, batch_size: 16}}
   model: {{width: 4}}
@@ -53,7 +53,6 @@ def space_file(tmp_path, study="", space=LAMBDA):
      "study.sampler pbt changes values mid-training, and heads.exits would change the network"),
     ("  data.timesteps: {type: int, low: 2, high: 4}", "", "data.timesteps would change the network"),
     (LAMBDA, ", pruner: hyperband", "'study.pruner': population-based training stops no member"),
-    (LAMBDA, ", baseline: true", "'study.baseline': a population has no baseline trial"),
     ("  optim.lr: {type: categorical, choices: [0.01, 0.02]}", ", sampler: pb2",
      "study.sampler pb2 changes values mid-training, and optim.lr would change the network or cannot be perturbed"),
 ])
@@ -227,7 +226,7 @@ def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_t
     member's lambda as a table, and retraining 6 epochs replays it stretched."""
     url = f"sqlite:///{tmp_path}/p.db"
     shipped = yaml.safe_load((ROOT / "spaces" / "lambda_pbt.yaml").read_text())  # at a tiny size
-    shipped["study"].update(name="pop", population=2)
+    shipped["study"].update(name="pop", population=2, control=0)
     shipped["base"]["data"].update(limit=48, timesteps=2, batch_size=16)
     shipped["base"]["model"]["width"] = 4
     shipped["base"]["heads"]["exits"] = ["layer1.0"]

@@ -120,7 +120,7 @@ def test_a_killed_worker_is_named_and_the_parent_still_reports_the_finished_stud
     finally:
         out = communicate(parent, 300)
     assert parent.returncode == 137, out
-    assert f"(pid {pid}) was killed by SIGKILL" in out and "done. browse:" in out and "Traceback" not in out
+    assert f"(pid {pid}) was killed by SIGKILL" in out and "\ndone. " in out and "Traceback" not in out
     done = trials(url)
     assert sum(t.state == TrialState.COMPLETE for t in done) == 3 and TrialState.RUNNING not in [t.state for t in done]
     assert published(url)

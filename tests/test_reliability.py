@@ -29,7 +29,7 @@ from trainer.fit import EpochReport, fit
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: durable, seed: 0, pruner: none, heartbeat: 1, baseline: false{study}}}
+study: {{name: durable, seed: 0, pruner: none, heartbeat: 1, control: 0{study}}}
 base:
   data: {{timesteps: 2, batch_size: 32{data}}}
   model: {{width: 4}}
@@ -387,18 +387,19 @@ def test_a_worker_with_nothing_left_exits_a_poll_after_the_others_trials_end(tmp
     url = f"sqlite:///{tmp_path}/d.db"
     space = load_space(space_file(tmp_path, study=", heartbeat: 10, n_trials: 1"), [], None)
     storage = open_storage(url, space.study.heartbeat, space.study.max_retry)
-    worker = optuna_backend.Worker(space, storage, url, tmp_path / "durable")
-    other = worker.study.ask()  # another worker's trial, running: it fills the budget of 1
+    worker = optuna_backend.Worker([space], storage, url, tmp_path / "durable")
+    study = worker.arms[0].study
+    other = study.ask()  # another worker's trial, running: it fills the budget of 1
     sleeps = []
 
     def sleep(seconds):
         sleeps.append(seconds)
-        worker.study.tell(other, 0.5)  # the other worker finishes while this one waits
+        study.tell(other, 0.5)  # the other worker finishes while this one waits
 
     monkeypatch.setattr(optuna_backend.time, "sleep", sleep)
     worker.run(timeout=None)
     assert sleeps == [optuna_backend.POLL] and optuna_backend.POLL < space.study.heartbeat
-    assert [t.state for t in worker.study.get_trials()] == [TrialState.COMPLETE]
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
 
 
 class Pwned:

@@ -36,8 +36,8 @@ final:
 """
 
 
-def space_file(tmp_path, study=", pruner: none", space="", base=BASE, baseline=False):
-    text = f"study: {{name: tiny, seed: 0, baseline: {str(baseline).lower()}{study}}}\n{base}\nspace:\n" + (
+def space_file(tmp_path, study=", pruner: none", space="", base=BASE, control="0"):
+    text = f"study: {{name: tiny, seed: 0, control: {control}{study}}}\n{base}\nspace:\n" + (
         space or "  lambda.start: {type: float, low: 0.1, high: 1.0}\n"
         "  lambda.schedule: {type: categorical, choices: [linear, cosine]}\n"
     )
@@ -52,13 +52,15 @@ def trials(url, name="tiny"):
 
 def test_run_resume_export_retrain(tmp_path, capsys, monkeypatch):
     url = f"sqlite:///{tmp_path}/tiny.db"
-    space = space_file(tmp_path, baseline=True)
+    space = space_file(tmp_path, control="false")  # the control arm: one run of the base without heads
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "2"]) == 0
     out = capsys.readouterr().out
-    assert "trial 0 complete value=" in out and "(baseline: the base config without heads)" in out
-    assert "trial 1 complete value=" in out and "vs. baseline) | best=" in out and "lambda.start=" in out
-    reference, *done = trials(url)  # the baseline first, then n_trials searched trials
-    assert reference.user_attrs["baseline"] and reference.state == TrialState.COMPLETE and not reference.params
+    assert "and one run of the base without heads (tiny.control)" in out
+    assert "control trial 0 complete value=" in out and "trial 1 complete value=" in out and "lambda.start=" in out
+    assert "| best with heads=" in out and ", without=" in out and "(control trial 0)" in out
+    (reference,) = trials(url, "tiny.control")  # a study of its own, in the same storage
+    done = trials(url)
+    assert reference.state == TrialState.COMPLETE and not reference.params
     assert reference.user_attrs["config"]["heads"]["exits"] == [] and reference.user_attrs["epochs_run"] == 2
     assert [t.state for t in done] == [TrialState.COMPLETE] * 2
     attrs = done[0].user_attrs
@@ -70,21 +72,21 @@ def test_run_resume_export_retrain(tmp_path, capsys, monkeypatch):
     flow = attrs["grad_flow"]  # |dL/dx| at every LIF input, per epoch; the first epoch split by loss part
     assert len(flow["layers"]) == 19 and len(flow["mean"]) == len(flow["var"]) == 2
     assert set(flow["split"]) == {"main", "heads"} and "split" not in reference.user_attrs["grad_flow"]
+    assert sorted(p.name for p in (tmp_path / "tiny.control" / "trials" / "0").iterdir()) == ["config.yaml", "model.pt"]
     trial_dir = tmp_path / "tiny" / "trials" / "0"
     assert sorted(p.name for p in trial_dir.iterdir()) == ["config.yaml", "model.pt"]  # last.pt dropped
 
     # the same command tops the study up to the study-wide budget, then does nothing more
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
-    assert len(trials(url)) == 4  # the baseline is not counted
+    assert len(trials(url)) == 3 and len(trials(url, "tiny.control")) == 1  # the control arm's one run is done
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "3"]) == 0
-    assert "already has 3 trials" in capsys.readouterr().out and len(trials(url)) == 4
+    assert "already has 3 trials" in capsys.readouterr().out and len(trials(url)) == 3
 
     assert export_cli.main(["--study", "tiny", "--storage", url, "--out", str(tmp_path / "exp")]) == 0
     best_file = tmp_path / "exp" / "best.yaml"
     best_model = torch.load(tmp_path / "exp" / "best_model.pt", weights_only=True)  # from the artifact store
     kept = torch.load(tmp_path / "tiny" / "trials" / str(trials(url)[0].number) / "model.pt", weights_only=True)
-    searched = [t for t in trials(url) if not t.user_attrs.get("baseline")]
-    best = max(searched, key=lambda t: (t.value, -t.number))  # the baseline is never the best, whatever its value
+    best = max(trials(url), key=lambda t: (t.value, -t.number))  # of the heads arm, whatever the control's value
     trained = torch.load(tmp_path / "tiny" / "trials" / str(best.number) / "model.pt", weights_only=True)
     assert all(torch.equal(best_model["state_dict"][k], v) for k, v in trained["state_dict"].items())
     assert kept["metrics"]["val_acc"] == trials(url)[0].value
@@ -274,7 +276,7 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     url = f"sqlite:///{tmp_path}/tiny.db"
     space = space_file(tmp_path, space="  lambda.start: {type: float, low: 0.1, high: 1.0}\n"
                        "  data.timesteps: {type: int, low: 1, high: 3}\n"
-                       "  heads.exits: {type: subset, choices: [layer1.0]}\n", baseline=True)
+                       "  heads.exits: {type: subset, choices: [layer1.0]}\n", control="false")
     assert run_cli.main(["--space", str(space), "--storage", url, "--n-trials", "4"]) == 0
     storage = optuna.storages.get_storage(url)
     dashboard = lambda: {k: v for k, v in storage.get_study_system_attrs(storage.get_study_id_from_name("tiny"))
@@ -314,18 +316,19 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     headed = bool(best.user_attrs["config"]["heads"]["exits"])
     assert page.headings == [
         "Optimization history", "Learning curves and lambda of the top trials",
-        "Gradient flow: best trial vs. baseline", "The heads' share of the gradient", "val_acc vs. timesteps",
-        "Parameter importances",
+        "Gradient flow relative to the last layer: best with heads vs. best without",
+        "The heads' share of the gradient", "val_acc vs. timesteps", "Parameter importances",
     ]
-    assert page.divs == 5 + headed and not page.external  # plotly.js is inlined: opens offline
-    assert sum("Plotly.newPlot" in s for s in page.scripts) == 5 + headed
+    assert page.divs == 4 + headed and not page.external  # plotly.js is inlined: opens offline
+    assert sum("Plotly.newPlot" in s for s in page.scripts) == 4 + headed
     text = out.read_text()
-    reference = next(t for t in study.trials if t.user_attrs.get("baseline"))
+    (reference,) = optuna.load_study(study_name="tiny.control", storage=url).trials
     assert f"trial {best.number}: val_acc={best.value:.4g}" in text
-    assert f"{best.value - reference.value:+.4g} (baseline: trial {reference.number}" in text
-    spent = sum(t.user_attrs["epochs_run"] for t in study.trials)
-    assert f"{spent} trained; {2 * len(study.trials)} if every trial had run its full length" in text
-    assert "the heads sent more gradient to that depth" in text  # each figure says what it shows
+    assert f"{best.value - reference.value:+.4g} at one seed" in text  # best with heads - without
+    spent = sum(t.user_attrs["epochs_run"] for t in [*study.trials, reference])
+    assert f"{spent} trained; {2 * (len(study.trials) + 1)} if every trial had run its full length" in text
+    assert "relative to its last layer, the best trial with heads keeps" in text  # computed from the data
+    assert "Too few complete trials to estimate them (4 of the 10 needed" in text
 
     # the same summary and the SNN figures inside optuna-dashboard, as its web app serves them
     from optuna_dashboard import wsgi
@@ -336,10 +339,11 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     status = []
     detail = json.loads(b"".join(app(environ, lambda s, h, exc_info=None: status.append(s))))
     assert status[0].startswith("200")
-    assert f"**gain over the baseline**: {best.value - reference.value:+.4g}" in detail["note"]["body"]
+    assert f"**with heads - without, one run each**: {best.value - reference.value:+.4g}" in detail["note"]["body"]
     figures = {g["id"]: json.loads(g["graph_object"]) for g in detail["plotly_graph_objects"]}
     titles = sorted(f["layout"]["title"]["text"] for f in figures.values())
-    assert titles == sorted(["Learning curves and lambda of the top trials", "Gradient flow: best trial vs. baseline",
+    assert titles == sorted(["Learning curves and lambda of the top trials",
+                             "Gradient flow relative to the last layer: best with heads vs. best without",
                              "val_acc vs. timesteps"] + ["The heads' share of the gradient"] * headed)
     assert all(f["data"] for f in figures.values())
 
@@ -450,20 +454,25 @@ def test_a_config_key_added_after_a_study_was_created_compares_at_its_default(tm
     assert "created with base.lambda.table=[0.3], this run has []" in capsys.readouterr().err
 
 
-def test_baseline_only_where_trials_carry_heads_and_ray_runs_it_without_heads(tmp_path):
-    from search.ray_backend import DefineByRun
-    from search.study import BASELINE, carries_heads, create_study
-    from search.storage import open_storage
-
-    plain = load_space(space_file(tmp_path, base=BASE.replace("exits: [layer1.0]", "exits: []"), baseline=True))
-    headed = load_space(space_file(tmp_path, baseline=True))
-    assert not carries_heads(plain) and carries_heads(headed)
-    for space, name, expected in ((plain, "plain", 0), (headed, "headed", 1)):
-        space.study.name = name
-        study = create_study(space, open_storage(f"sqlite:///{tmp_path}/b.db"), tmp_path)
-        waiting = [t for t in study.get_trials() if t.user_attrs.get("baseline")]
-        assert len(waiting) == expected and all(t.state == TrialState.WAITING for t in waiting)
-    with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna's note that heartbeats expect study.optimize
-        trial = study.ask()  # the baseline is asked for first; Ray's define-by-run gives it the base without heads
-    assert DefineByRun(headed.params)(trial) == {"values": BASELINE} and not trial.params
-    assert headed.config(BASELINE).heads.exits == []
+def test_the_control_arm_tunes_the_other_parameters_without_heads(tmp_path):
+    """Only where the trials carry heads; it drops what is about heads or lambda (and what is conditional on
+    them), keeps the sampler, pruner and seed; ``false`` is one run of the base, ``0`` none."""
+    lr = "  optim.lr: {type: float, low: 0.001, high: 0.1, log: true}\n"
+    params = (lr + "  lambda.schedule: {type: categorical, choices: [linear, cosine]}\n"
+              "  lambda.fraction: {type: float, low: 0.2, high: 1.0, when: {lambda.schedule: [linear]}}\n"
+              "  data.timesteps: {type: int, low: 1, high: 3, when: {lambda.schedule: [cosine]}}\n"
+              "  neuron.threshold: {type: float, low: 0.25, high: 1.0}\n")
+    plain = load_space(space_file(tmp_path, base=BASE.replace("exits: [layer1.0]", "exits: []"), space=lr,
+                                  control="null"))
+    assert plain.control() is None and plain.arms() == [plain]
+    headed = load_space(space_file(tmp_path, space=params, study=", pruner: median, n_trials: 7, sampler: random",
+                                   control="null"))
+    control = headed.control()
+    assert [p.key for p in control.params] == ["optim.lr", "neuron.threshold"]
+    assert control.study.name == "tiny.control" and control.study.n_trials == 7
+    assert (control.study.sampler, control.study.pruner, control.study.seed) == ("random", "median", 0)
+    assert control.config({"optim.lr": 0.01}).heads.exits == [] and headed.config({}).heads.exits == ["layer1.0"]
+    assert load_space(space_file(tmp_path, space=params, control="3")).control().study.n_trials == 3
+    single = load_space(space_file(tmp_path, space=params, control="false")).control()
+    assert single.params == [] and single.study.n_trials == 1 and single.study.pruner == "none"
+    assert load_space(space_file(tmp_path, space=params, control="0")).control() is None

@@ -24,26 +24,24 @@ from trainer.errors import UserError
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def study_with(url, states, baseline_first=False):
+def study_with(url, states):
     study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
     study.raw_storage = open_storage(url)  # what workers pass to the budget (Optuna wraps its own in a cache)
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
     for i, state in enumerate(states):
-        attrs = {"baseline": True} if baseline_first and i == 0 else {}
-        study.add_trial(create_trial(state=state, params={"x": i / 10}, distributions=dist, user_attrs=attrs,
+        study.add_trial(create_trial(state=state, params={"x": i / 10}, distributions=dist,
                                      value=0.5 if state == TrialState.COMPLETE else None))
     return study
 
 
-def test_the_budget_counts_finished_running_and_queued_trials_but_not_retried_failures_or_the_baseline(tmp_path):
+def test_the_budget_counts_finished_running_and_queued_trials_but_not_retried_failures(tmp_path):
     S = TrialState
-    study = study_with(f"sqlite:///{tmp_path}/b.db", [S.COMPLETE, S.COMPLETE, S.PRUNED, S.RUNNING, S.FAIL, S.FAIL],
-                       baseline_first=True)
+    study = study_with(f"sqlite:///{tmp_path}/b.db", [S.COMPLETE, S.PRUNED, S.RUNNING, S.FAIL, S.FAIL])
     trials = study.get_trials(deepcopy=False)
-    assert used(trials) == 5  # the baseline (trial 0) aside; both FAILs count: neither was queued again
-    assert requeue(study, trials[5], max_retry=2)  # trial 5 failed with its worker: queued again
+    assert used(trials) == 5  # both FAILs count: neither was queued again
+    assert requeue(study, trials[4], max_retry=2)  # trial 4 failed with its worker: queued again
     trials = study.get_trials(deepcopy=False)
-    assert trials[-1].state == S.WAITING and retry_history(trials[-1]) == [5]
+    assert trials[-1].state == S.WAITING and retry_history(trials[-1]) == [4]
     assert used(trials) == 5  # the FAIL no longer counts, its WAITING copy does: a retry costs nothing
     assert remaining(trials, 5) == 1  # the copy still has to be asked for
     assert remaining(trials, 8) == 4

@@ -157,7 +157,7 @@ def test_a_search_over_my_own_model_retrains_into_my_own_class(tmp_path, capsys)
     import optuna
 
     done = optuna.load_study(study_name="custom_model", storage=url).get_trials()
-    searched = [t for t in done if not t.user_attrs.get("baseline")]
+    searched = done
     assert len(searched) == 2 and all(any(k.startswith("heads.exits:block") for k in t.params) for t in searched)
     assert any(name.endswith(".lif") for name in searched[0].user_attrs["firing_rates"])  # model.neurons, hooked
     from search import report as report_cli
