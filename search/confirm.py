@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.budget import used
+from search.budget import budget_lock, used
 from search.finding import METRIC, Finding, Result, compare
 from search.space import CONFIRM, CONTROL, Space, Study
 from search.storage import arm_dir, default_url, open_storage, study_dir
@@ -51,7 +51,9 @@ class Confirmation(Space):
     overrides: dict[str, Any] = field(default_factory=dict)  # --set: where each retraining runs (run.device, ...)
 
     def values(self, trial: optuna.Trial | FrozenTrial) -> dict[str, Any]:
-        return trial.user_attrs.get("confirm") or {}
+        if "confirm" not in trial.user_attrs:
+            raise UserError(f"trial {trial.number} of {self.study.name} was not queued by snn-search confirm")
+        return trial.user_attrs["confirm"]
 
     def config(self, values: dict[str, Any]) -> Config:
         if not values:  # the study's identity: the search's base
@@ -59,60 +61,84 @@ class Confirmation(Space):
         return build(with_values(values["config"], {**self.overrides, "run.seed": values["seed"]}),
                      f"confirm: {values['label']}")
 
-    def arms(self) -> list[Space]:
-        return [self]
+
+@dataclass(frozen=True)
+class Candidate:
+    """A config to confirm: ``key`` (its arm and trial) names it across runs of the command."""
+
+    label: str
+    arm: str  # heads, control or recipe
+    trial: int | None  # the search trial it comes from; None for the recipe
+    config: dict[str, Any]  # at full length on train + validation; run.seed is set per retraining
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm}:{self.trial}"
 
 
-def candidates(study: optuna.Study, top_k: int, recipe: dict[str, Any] | None, recipe_name: str
-               ) -> list[tuple[str, str, int | None, dict[str, Any]]]:
-    """(label, arm, trial, config) of each config to confirm, at the study's full length on train + val."""
+WHERE = ("run.device", "run.out_dir", "run.resume", "data.num_workers")  # how a trial ran, not what it was
+
+
+def candidates(study: optuna.Study, top_k: int, recipe: dict[str, Any] | None, recipe_name: str | None
+               ) -> list[Candidate]:
+    """The K best configs with heads, the control arm's best and the recipe, at the study's full length (its
+    ``final``) on train + validation, without where their trial ran (``--set`` says where they run now)."""
     full = {**study.user_attrs.get("final", {}), "data.val_fraction": 0}
-    out = [(f"heads #{i + 1} (trial {t.number})", "heads", t.number, trial_config(t))
-           for i, t in enumerate(select(study, top_k=top_k))]
+    found = [Candidate(f"heads #{i + 1} (trial {t.number})", "heads", t.number, trial_config(t))
+             for i, t in enumerate(select(study, top_k=top_k))]
     control = best_full(companion(study, CONTROL))
     if control is not None:
-        out.append((f"control (trial {control.number})", "control", control.number, trial_config(control)))
+        found.append(Candidate(f"control (trial {control.number})", "control", control.number, trial_config(control)))
     if recipe is not None:
-        out.append((f"recipe ({recipe_name})", "recipe", None, {k: v for k, v in recipe.items() if k != "provenance"}))
-    return [(label, arm, number, with_values(config, full)) for label, arm, number, config in out]
+        found.append(Candidate(f"recipe ({recipe_name})", "recipe", None,
+                               {k: v for k, v in recipe.items() if k != "provenance"}))
+    out = []
+    for c in found:
+        config = with_values(c.config, full)
+        for key in WHERE:
+            section, name = key.split(".")
+            config.get(section, {}).pop(name, None)
+        out.append(Candidate(c.label, c.arm, c.trial, config))
+    return out
 
 
-def queue(confirm: optuna.Study, configs: list[tuple[str, str, int | None, dict[str, Any]]], seeds: int) -> None:
+def queue(confirm: optuna.Study, storage: optuna.storages.BaseStorage, url: str, configs: list[Candidate],
+          seeds: int) -> None:
     """Queue each config x seed that the confirm study does not hold yet (finished, running or queued: a
-    trial that failed for good is queued again)."""
-    have = {(json.dumps(t.user_attrs["confirm"]["config"], sort_keys=True), t.user_attrs["confirm"]["seed"])
-            for t in confirm.get_trials(deepcopy=False) if "confirm" in t.user_attrs and t.state != TrialState.FAIL}
-    for label, arm, number, config in configs:
-        for seed in range(seeds):
-            if (json.dumps(config, sort_keys=True), seed) not in have:
-                confirm.enqueue_trial({}, user_attrs={"confirm": {"label": label, "arm": arm, "trial": number,
-                                                                  "seed": seed, "config": config}})
+    trial that failed for good is queued again), under the budget lock: two commands queue nothing twice."""
+    with budget_lock(storage, url, confirm.study_name):
+        have = {(t.user_attrs["confirm"]["key"], t.user_attrs["confirm"]["seed"])
+                for t in confirm.get_trials(deepcopy=False) if "confirm" in t.user_attrs and t.state != TrialState.FAIL}
+        for c in configs:
+            for seed in range(seeds):
+                if (c.key, seed) not in have:
+                    confirm.enqueue_trial({}, user_attrs={"confirm": {"key": c.key, "label": c.label, "arm": c.arm,
+                                                                      "trial": c.trial, "seed": seed,
+                                                                      "config": c.config}})
 
 
-def finding(study: optuna.Study, confirm: optuna.Study, configs: list[tuple[str, str, int | None, dict[str, Any]]],
-            seeds: int) -> Finding:
+def finding(study: optuna.Study, confirm: optuna.Study, configs: list[Candidate], seeds: int) -> Finding:
     """The confirm study's completed trials, gathered into the finding."""
-    scores: dict[str, dict[int, float]] = {label: {} for label, *_ in configs}
-    wanted = {json.dumps(config, sort_keys=True): label for label, _, _, config in configs}
+    scores: dict[str, dict[int, float]] = {c.key: {} for c in configs}
     for t in confirm.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         c = t.user_attrs["confirm"]
-        label = wanted.get(json.dumps(c["config"], sort_keys=True))
-        if label is not None and c["seed"] < seeds:
-            scores[label][c["seed"]] = t.value
+        if c["key"] in scores and c["seed"] < seeds:
+            scores[c["key"]][c["seed"]] = t.value
     results = []
-    for label, arm, number, _ in configs:
-        seed_list = sorted(scores[label])
-        accs = [scores[label][s] for s in seed_list]
+    for c in configs:
+        seed_list = sorted(scores[c.key])
+        accs = [scores[c.key][s] for s in seed_list]
         if accs:
-            results.append(Result(label=label, arm=arm, trial=number, seeds=seed_list, test_acc=accs,
-                                  mean=statistics.fmean(accs), sd=statistics.stdev(accs) if len(accs) > 1 else None))
+            results.append(Result(label=c.label, arm=c.arm, trial=c.trial, config=c.config, seeds=seed_list,
+                                  test_acc=accs, mean=statistics.fmean(accs),
+                                  sd=statistics.stdev(accs) if len(accs) > 1 else None))
     results.sort(key=lambda r: -r.mean)
-    control = next((label for label, arm, *_ in configs if arm == "control"), None)
-    comparisons = [compare(label, scores[label], scores[control]) for label, arm, *_ in configs
-                   if control is not None and arm != "control" and scores[label] and scores[control]]
-    epochs = build(configs[0][3]).optim.epochs
-    return Finding(study=study.study_name, date=datetime.date.today().isoformat(), epochs=epochs, results=results,
-                   comparisons=comparisons, winner=results[0].label if results else "none")
+    control = next((c for c in configs if c.arm == "control"), None)
+    comparisons = [compare(c.label, scores[c.key], scores[control.key]) for c in configs
+                   if control is not None and c.arm != "control" and scores[c.key] and scores[control.key]]
+    return Finding(study=study.study_name, date=datetime.date.today().isoformat(),
+                   epochs=build(configs[0].config).optim.epochs, results=results, comparisons=comparisons,
+                   winner=results[0].label if results else "none")
 
 
 def make_parser(prog: str = "snn-search confirm") -> Parser:
@@ -177,11 +203,11 @@ def confirm(args: argparse.Namespace, url: str) -> int:
     confirm_dir = arm_dir(root, study.study_name, space.study.name)
     confirm_study = create_study(space, storage, confirm_dir)
     if args.worker_index is None:
-        queue(confirm_study, configs, args.seeds)
+        queue(confirm_study, storage, url, configs, args.seeds)
         print(f"confirming {len(configs)} configs x {args.seeds} seeds at full length "
-              f"({build(configs[0][3]).optim.epochs} epochs on train + validation, scored once on the test split): "
-              f"{', '.join(label for label, *_ in configs)}", flush=True)
-    space.study.n_trials = max(1, used(confirm_study.get_trials(deepcopy=False)))  # every ask pops a queued trial
+              f"({build(configs[0].config).optim.epochs} epochs on train + validation, scored once on the test "
+              f"split): {', '.join(c.label for c in configs)}", flush=True)
+    space.study.n_trials = used(confirm_study.get_trials(deepcopy=False))  # every ask pops a queued trial
     queued = confirm_study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
     if not queued and args.worker_index is None:
         print(f"study {space.study.name!r}: every retraining has run", flush=True)
@@ -210,8 +236,9 @@ def confirm(args: argparse.Namespace, url: str) -> int:
 
     publish(study, build_report(study, dashboard=True))
     print(found.table())
-    print(f"written: {root / 'confirm.json'}; the report and the study's note show it; `snn-search export --study "
-          f"{args.study}` exports the winner", flush=True)
+    print(f"written: {root / 'confirm.json'} and the study's note in optuna-dashboard; `snn-search report --study "
+          f"{args.study}` puts it into report.html, `snn-search export --study {args.study}` exports the winner",
+          flush=True)
     return 0
 
 

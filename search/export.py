@@ -69,12 +69,12 @@ def confirmed(study: optuna.Study, storage_url: str) -> tuple[optuna.Study, Froz
         return None
     winner = next(r for r in finding.results if r.label == finding.winner)
     note = {"label": winner.label, "test_acc_mean": winner.mean, "test_acc_sd": winner.sd, "seeds": winner.seeds,
-            "versus_control": next((c.verdict for c in finding.comparisons if c.label == winner.label), None),
+            "versus_control": next((c.verdict for c in finding.comparisons if c.label == winner.label),
+                                   "it is the control"),
             "date": finding.date}
-    if winner.arm == "recipe":
-        config = {k: v for k, v in study.user_attrs["recipe"].items() if k != "provenance"}
-        config["provenance"] = {"study": study.study_name, "storage": storage_url, "recipe": True,
-                                "final": study.user_attrs.get("final", {}), "confirmed": note}
+    if winner.arm == "recipe":  # as confirmed: already at full length, so no ``final`` to apply
+        config = {**winner.config, "provenance": {"study": study.study_name, "storage": storage_url, "recipe": True,
+                                                  "confirmed": note}}
         return study, None, config
     arm = companion(study) if winner.arm == "control" else study
     trial = arm.trials[winner.trial]

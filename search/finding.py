@@ -22,6 +22,7 @@ class Result(BaseModel):
     label: str = Field(description="which config: 'heads #1 (trial 7)', 'control (trial 2)', 'recipe (FILE)'")
     arm: str = Field(description="heads, control or recipe")
     trial: int | None = Field(description="the search trial it comes from (none for the recipe)")
+    config: dict = Field(description="the trainer config each seed retrained (run.seed aside)")
     seeds: list[int] = Field(description="the seeds that finished, in order")
     test_acc: list[float] = Field(description="test accuracy at each of those seeds")
     mean: float = Field(description="mean test accuracy over the seeds")
@@ -47,11 +48,13 @@ class Finding(BaseModel):
     date: str = Field(description="when the finding was computed (ISO date)")
     metric: str = Field(METRIC, description="what each retraining was scored on: the test split, once")
     epochs: int = Field(description="epochs of each retraining (the study's full length)")
-    method: str = Field("paired differences per seed; 95% interval: mean +- t(0.975, n-1) * sd / sqrt(n)",
+    method: str = Field("paired differences per seed; 95% interval: mean +- t(0.975, n-1) * sd / sqrt(n), each "
+                        "comparison on its own (not corrected for the several made)",
                         description="how the intervals were computed")
     results: list[Result] = Field(description="every config, best mean first")
     comparisons: list[Comparison] = Field(description="each config with heads, and the recipe, against the control")
-    winner: str = Field(description="the label of the config with the best mean test accuracy")
+    winner: str = Field(description="the label of the config with the best mean test accuracy (its comparison "
+                        "says whether that lead over the control is more than seed noise)")
 
     def rows(self) -> list[tuple[str, str]]:
         """The finding as summary rows (the report and the dashboard's note)."""

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ def _trainable(space: Space):
                 member.save(directory)
             values = dict(zip(space.study.metrics, record.values))
             # nested attrs travel as JSON strings: Tune would flatten dicts and its loggers reject lists
-            tune.report({**values, "epochs_run": report.epoch + 1, "epochs_total": epochs,
+            # a retraining's last result is its test score, one after its last epoch: until then it is not done
+            tune.report({**values, "epochs_run": report.epoch + 1, "epochs_total": epochs + space.on_test,
                          "attrs": json.dumps(record.attrs)}, checkpoint=tune.Checkpoint.from_directory(directory))
 
         outcome = run_trial(space, number, config["values"], directory,
@@ -110,9 +112,9 @@ def _trainable(space: Space):
                         | {"epochs_run": outcome.attrs.get("epochs_run", 0),
                            "attrs": json.dumps({**outcome.attrs, "fail_reason": outcome.fail_reason})})
         elif space.on_test:  # the score comes after the last epoch: one result more
-            epochs = outcome.attrs["epochs_run"]
+            done = outcome.attrs["epochs_run"] + 1
             tune.report(dict(zip(space.study.metrics, outcome.values)) | {
-                "epochs_run": epochs, "epochs_total": epochs, "attrs": json.dumps(outcome.attrs)})
+                "epochs_run": done, "epochs_total": done, "attrs": json.dumps(outcome.attrs)})
 
     return train
 
@@ -292,11 +294,15 @@ class StopSignal(tune.Stopper):
 def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: float | None,
         address: str | None = None, cpus_per_trial: float = 1, gpus_per_trial: float = 0,
         max_concurrent: int = 2, root: Path | None = None) -> list[optuna.Study]:
-    """Each arm of the search (``Space.arms``) in turn on one Ray: top its study up to ``study.n_trials``
-    trials (budget as in ``search/budget.py``), or with ``study.sampler: pbt`` train one population."""
+    """Each arm of the search (``Space.arms``) in turn on one Ray (Tune runs one experiment at a time, so
+    here the heads arm goes first, and ``timeout`` bounds both together): top its study up to
+    ``study.n_trials`` trials (budget as in ``search/budget.py``), or with ``study.sampler: pbt`` train one
+    population."""
     root = root or study_dir(url, space.study.name)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        return [run_arm(arm, storage, url, timeout, address, cpus_per_trial, gpus_per_trial, max_concurrent,
+        return [run_arm(arm, storage, url, None if deadline is None else max(1.0, deadline - time.monotonic()),
+                        address, cpus_per_trial, gpus_per_trial, max_concurrent,
                         arm_dir(root, space.study.name, arm.study.name)) for arm in space.arms()]
     finally:
         ray.shutdown()

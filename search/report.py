@@ -143,8 +143,8 @@ def history(arms: list[optuna.Study], metric: str) -> Section:
     for i, study in enumerate(arms):
         colour = DEFAULT_PLOTLY_COLORS[i % len(DEFAULT_PLOTLY_COLORS)]
         label = "without heads (control arm)" if i else ("with heads" if len(arms) > 1 else "trials")
-        done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-                       if t.value is not None or t.intermediate_values), key=lambda t: t.datetime_complete)
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                if t.value is not None or t.intermediate_values]
         values = [t.value if t.value is not None else t.intermediate_values[t.last_step] for t in done]
         pruned = sum(t.state == TrialState.PRUNED for t in done)
         told.append(f"{len(done)} {label} ({pruned} pruned)")
@@ -218,7 +218,8 @@ def summary(study: optuna.Study) -> list[tuple[str, str]]:
         if best and plain:
             rows.append(("with heads - without, one run each", f"{best.value - plain.value:+.4g} at one seed: "
                          f"`snn-search confirm` retrains both over seeds at full length before this is a finding"))
-    rows += confirm_rows(study)
+    finding = load_finding(study)
+    rows += finding.rows() if finding else []
     arms = [study, control] if control else [study]
     trials = [t for a in arms for t in a.get_trials(deepcopy=False)]
     spent = sum(t.user_attrs.get("epochs_run", 0) for t in trials)
@@ -304,12 +305,6 @@ def confirmation(study: optuna.Study) -> Section | None:
                    f"train + validation, once per seed, and scored once on the test split ({finding.method}). "
                    + " ".join(f"{c.label}: {c.verdict}." for c in finding.comparisons)
                    + f" Winner: {finding.winner}.", table, dashboard=True)
-
-
-def confirm_rows(study: optuna.Study) -> list[tuple[str, str]]:
-    """The confirmation's table as summary rows, where ``snn-search confirm`` ran (``search/confirm.py``)."""
-    finding = load_finding(study)
-    return finding.rows() if finding else []
 
 
 @dataclass

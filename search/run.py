@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from search.samplers import POPULATION
 from search.space import Space, load_space
 from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir
 from trainer import stop
@@ -24,7 +25,9 @@ def lengths(space: Space) -> str:
     cfg, s = space.config({}), space.study
     pruned = "" if s.pruner == "none" else f", pruned no earlier than epoch {space.min_epochs()}"
     control = space.control()
-    if control is None:
+    if s.sampler in POPULATION:
+        arms = f"a population of {s.population}" + ("" if control is None else " with heads, and its control arm")
+    elif control is None:
         arms = f"{s.n_trials} trials"
     elif control.params:
         arms = (f"{s.n_trials} trials with heads, and {control.study.n_trials} without ({control.study.name}: the "
@@ -77,7 +80,6 @@ def check(args: argparse.Namespace) -> Space:
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: must be >= 1 (got {args.workers})")
     from search.pbt import check as check_pbt
-    from search.samplers import POPULATION
 
     if space.study.sampler in POPULATION and args.backend != "ray":
         raise UserError(f"{args.space}: study.sampler {space.study.sampler} trains a population on Ray Tune: add "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,7 +220,7 @@ class Study(_Model):
     # off; null: n_trials; false: one run of the base without heads; 0: no control arm
     control: Annotated[int | bool | None, _check(lambda v: v is None or v is False or (_integer(v) and v >= 0),
                                                  "must be an integer >= 0, false or null")] = None
-    recipe: _Text = None  # a trainer config (configs/*.yaml) that `snn-search confirm` retrains as published
+    recipe: _Text = None  # a trainer config that `snn-search confirm` retrains as published (relative to this file)
     population: Annotated[int, _count(2)] = 4  # sampler pbt, pb2: members trained at once (the study's trials)
     perturbation_interval: Annotated[int, _count(1)] = 2  # sampler pbt, pb2: epochs between copies
 
@@ -560,9 +561,9 @@ def load_space(path: str | Path, overrides: list[str] = (), base: str | Path | N
 
 
 def _recipe(path: Path, recipe: str | None, base: Path | None) -> tuple[str, dict[str, Any]] | None:
-    """The trainer config that ``study.recipe`` names (a path relative to the working directory, as
-    ``--base`` is), else the ``--base`` file: what ``snn-search confirm`` retrains as published."""
-    source = Path(recipe) if recipe else base
+    """The trainer config that ``study.recipe`` names (a path relative to the space file), else the ``--base``
+    file: what ``snn-search confirm`` retrains as published."""
+    source = Path(os.path.normpath(path.parent / recipe)) if recipe else base
     if source is None:
         return None
     try:

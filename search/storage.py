@@ -51,6 +51,7 @@ def study_dir(url: str, study_name: str) -> Path:
 def arm_dir(root: Path, main: str, arm: str) -> Path:
     """The folder of study ``arm`` of the search ``main`` whose own folder is ``root``: a companion study's
     sits beside it (``studies/x/`` -> ``studies/x.control/``, ``studies/x.confirm/``)."""
+    root = root.resolve()  # "." has no name to extend
     return root.with_name(root.name + arm.removeprefix(main))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from search.study import select
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: shared, seed: 0, pruner: none, heartbeat: 1, control: 0{study}}}
+study: {{name: shared, seed: 0, pruner: none, heartbeat: 1, control: {control}{study}}}
 base:
   data: {{limit: 48, timesteps: 2, batch_size: 16}}
   model: {{width: 4}}
@@ -27,9 +28,9 @@ space:
 """
 
 
-def space_file(tmp_path, epochs=2, study=""):
+def space_file(tmp_path, epochs=2, study="", control="0"):
     path = tmp_path / "space.yaml"
-    path.write_text(SPACE.format(epochs=epochs, study=study))
+    path.write_text(SPACE.format(epochs=epochs, study=study, control=control))
     return path
 
 
@@ -51,7 +52,7 @@ def distinct_params(done):
 def test_two_workers_finish_exactly_n_trials_with_distinct_params(tmp_path, pg_url):
     """Two separate processes on one PostgreSQL study, with its control arm: each arm's budget is met
     exactly, the control's single run once."""
-    space = space_file(tmp_path, study=", control: false")
+    space = space_file(tmp_path, control="false")
     here = "--study-dir", str(tmp_path / "shared")
     first = worker(space, pg_url, 6, *here)  # two independent processes on one study, each its own seed stream
     second = worker(space, pg_url, 6, *here)
@@ -63,7 +64,8 @@ def test_two_workers_finish_exactly_n_trials_with_distinct_params(tmp_path, pg_u
     assert [t.state for t in trials(pg_url, "shared.control")] == [TrialState.COMPLETE]
     assert all("complete value=" in out for out in outputs)  # both workers ran trials
     assert distinct_params(done)
-    assert sorted(int(out.split("sampler seed stream ")[1].split(",")[0]) for out in outputs) == [0, 1]
+    streams = [int(re.search(r"study 'shared': .* sampler seed stream (\d+),", out).group(1)) for out in outputs]
+    assert sorted(streams) == [0, 1]  # each its own (its control arm's line may come first)
 
 
 @pytest.mark.long(70)
@@ -115,7 +117,7 @@ def test_ray_hyperband_pauses_and_resumes_trials_from_their_checkpoints(tmp_path
     got after their last epoch, not from epoch 0. The control arm (one run of the base without heads) runs
     on the same Ray, and confirm's retrainings too."""
     url = f"sqlite:///{tmp_path}/ray.db"
-    space = space_file(tmp_path, epochs=3, study=", pruner: hyperband, control: false")  # brackets of 1 and 3
+    space = space_file(tmp_path, epochs=3, study=", pruner: hyperband", control="false")  # brackets of 1 and 3
     proc = worker(space, url, 6, "--backend", "ray", "--max-concurrent", "2")
     out = communicate(proc)
     assert proc.returncode == 0, out
@@ -193,7 +195,7 @@ def test_one_trial_ends_the_same_through_both_backends(tmp_path):
     """Both backends run a trial through search.trial.run_trial and end it in search.trial.finish: the
     stored trials agree in state, values, params, attrs and kept files (one thread each, same numerics)."""
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(epochs=2, study="").replace("model: {width: 4}", "model: {width: 4}\n  heads: "
+    space.write_text(SPACE.format(epochs=2, study="", control=0).replace("model: {width: 4}", "model: {width: 4}\n  heads: "
                      "{exits: [layer1.0]}").replace("lambda.start: {type: float, low: 0.1, high: 1.0}",
                      "lambda.start: {type: categorical, choices: [0.5]}").split("  heads.exits:")[0])
     stored = {}
@@ -252,7 +254,7 @@ def test_a_retry_on_another_machine_resumes_from_the_artifact_store(tmp_path, pg
     from trainer.fit import fit
 
     space = tmp_path / "space.yaml"
-    space.write_text(SPACE.format(epochs=6, study=", artifacts: s3://snn, checkpoint_every: 1").replace(
+    space.write_text(SPACE.format(epochs=6, study=", artifacts: s3://snn, checkpoint_every: 1", control=0).replace(
         "limit: 48", "limit: 256"))  # ~0.5 s per epoch
     cmd = [sys.executable, "search/run.py", "--space", str(space), "--storage", pg_url, "--n-trials", "1"]
     a = subprocess.Popen(cmd + ["--study-dir", str(tmp_path / "a")], cwd=ROOT, stdout=subprocess.PIPE,
@@ -321,7 +323,7 @@ def test_a_ray_trial_continues_on_another_node_when_its_node_is_removed(tmp_path
     try:
         url = f"sqlite:///{tmp_path}/ray.db"
         space = tmp_path / "space.yaml"
-        space.write_text(SPACE.format(epochs=6, study="").replace("limit: 48", "name: mnist, limit: 128"))
+        space.write_text(SPACE.format(epochs=6, study="", control=0).replace("limit: 48", "name: mnist, limit: 128"))
         cmd = [sys.executable, str(ROOT / "search" / "run.py"), "--space", str(space), "--storage", url, "--n-trials",
                "2", "--backend", "ray", "--address", cluster.address, "--max-concurrent", "1"]
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

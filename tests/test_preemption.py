@@ -266,3 +266,21 @@ def test_a_signal_ignored_on_entry_stays_ignored():
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, saved)
+
+
+def test_a_stopped_control_trial_is_queued_again_and_resumed(tmp_path, capsys, monkeypatch):
+    """The control arm's trials live the same life: the second ask goes to the control arm (the arm furthest
+    behind its budget), a SIGTERM there queues its trial again, and the next run finishes both arms."""
+    url = f"sqlite:///{tmp_path}/d.db"
+    argv = ["--space", str(space_file(tmp_path, epochs=EPOCHS, control="false")), "--storage", url, "--n-trials", "1"]
+    monkeypatch.setenv("SNN_STOP_AT", "asked@2")
+    assert run_cli.main(argv) == 143
+    assert [t.state for t in trials(url)] == [TrialState.COMPLETE]
+    control = optuna.load_study(study_name="durable.control", storage=url).trials
+    assert [t.state for t in control] == [TrialState.FAIL, TrialState.WAITING]
+    assert control[0].user_attrs["fail_reason"] == "preempted (SIGTERM); queued again"
+    monkeypatch.delenv("SNN_STOP_AT")
+    assert run_cli.main(argv) == 0
+    control = optuna.load_study(study_name="durable.control", storage=url).trials
+    assert [t.state for t in control] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert control[1].user_attrs["config"]["heads"]["exits"] == [] and published(url)

@@ -29,7 +29,7 @@ from trainer.fit import EpochReport, fit
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: durable, seed: 0, pruner: none, heartbeat: 1, control: 0{study}}}
+study: {{name: durable, seed: 0, pruner: none, heartbeat: 1, control: {control}{study}}}
 base:
   data: {{timesteps: 2, batch_size: 32{data}}}
   model: {{width: 4}}
@@ -42,9 +42,9 @@ LAMBDA = "  lambda.start: {type: float, low: 0.1, high: 1.0}\n  lambda.schedule:
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def space_file(tmp_path, epochs=2, study="", data=", limit: 64", space=LAMBDA):
+def space_file(tmp_path, epochs=2, study="", data=", limit: 64", space=LAMBDA, control="0"):
     path = tmp_path / "space.yaml"
-    path.write_text(SPACE.format(epochs=epochs, study=study, data=data, space=space))
+    path.write_text(SPACE.format(epochs=epochs, study=study, data=data, space=space, control=control))
     return path
 
 

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from trainer import stop
-from trainer.errors import Parser, command
+from trainer.errors import Parser, UserError, command
 
 
 def make_parser(prog: str = "snn-train") -> Parser:
@@ -19,21 +19,37 @@ def make_parser(prog: str = "snn-train") -> Parser:
                         help="dotted override, e.g. --set optim.epochs=5 (repeatable)")
     parser.add_argument("--list-exits", action="store_true",
                         help="list the modules a head can sit on (names for heads.exits), then exit")
+    parser.add_argument("--gradients", action="store_true",
+                        help="one batch at initialisation: the gradient at each spiking layer relative to the last, "
+                        "without and with the heads, each neuron's E[sg^2] and a verdict (explodes, balanced, "
+                        "vanishes), then exit")
     return parser
 
 
 def list_exits(cfg) -> str:
-    """One line per module whose output a head reads: name, layout, shape per timestep and sample."""
+    """One line per module whose output a head reads: name, layout, shape per timestep and sample, and the
+    gradient reaching it at initialisation (relative to the last spiking layer's, without heads; needs one
+    batch of the data set); then the verdict of ``--gradients`` and the exits where heads would help most."""
+    from trainer.gradients import profile
     from trainer.probe import default_exits, probe
 
     defaults = default_exits(cfg.model.arch)
+    taps = {name: tap for name, tap in probe(cfg).taps.items() if tap.layout and tap.calls == 1}
+    try:
+        flow = profile(cfg.model_copy(update={"heads": cfg.heads.model_copy(update={"exits": []})}),
+                       defaults or list(taps))
+        tail = [f"verdict: {flow.verdict()}", flow.advice()]
+    except UserError as err:  # the listing needs no data; the gradient a batch, and spiking layers it knows
+        flow, tail = None, [f"(no |dL/dx|: {err})"]
     rows = [(name, tap.layout, "x".join(map(str, tap.shape[2:] if tap.layout != "flat" else tap.shape[1:])),
-             "default" if name in defaults else "")
-            for name, tap in probe(cfg).taps.items() if tap.layout and tap.calls == 1]
+             "" if flow is None or (g := flow.at(name)) is None else f"{g:.3g}", "default" if name in defaults else "")
+            for name, tap in taps.items()]
     width = max(len(r[0]) for r in rows)
-    head = (f"# {cfg.model.arch} on {cfg.data.name}: {len(rows)} modules a head can read "
-            f"(shapes per timestep and sample; default: heads.exits=[default])")
-    return "\n".join([head, *(f"{n:<{width}}  {layout:<6}  {shape:<14} {d}".rstrip() for n, layout, shape, d in rows)])
+    named = "heads.exits=[default]" if defaults else "the modules by name in heads.exits"
+    head = (f"# {cfg.model.arch} on {cfg.data.name}: {len(rows)} modules a head can read (shapes per timestep "
+            f"and sample; |dL/dx|: at initialisation, relative to the last spiking layer's; default: {named})")
+    lines = [f"{n:<{width}}  {layout:<6}  {shape:<14} {g:>9}  {d}".rstrip() for n, layout, shape, g, d in rows]
+    return "\n".join([head, *lines, *tail])
 
 
 @command
@@ -48,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(list_exits(cfg))
         return 0
     check(cfg)  # the model and its heads, on a dry run, before any data is read
+    if args.gradients:
+        from trainer.gradients import profile
+
+        print(profile(cfg).table())
+        return 0
     with stop.handling():
         try:
             result = fit(cfg, progress=True)
