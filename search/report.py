@@ -28,9 +28,9 @@ from plotly.subplots import make_subplots
 
 from search.finding import load_finding
 from search.storage import default_url, study_dir
-from search.study import best_full, companion, is_full, load_study, select
+from search.study import base_config, best_full, companion, is_full, load_study, select
 from trainer.config import Config
-from trainer.errors import Parser, command
+from trainer.errors import Parser, UserError, command
 from trainer.schedule import balance
 
 
@@ -133,6 +133,27 @@ def gradient_flow(best: FrozenTrial, control: FrozenTrial | None) -> Section:
                 f"{ratio:.3g}x the gradient of the control arm's best ({heads[first]:.3g} against "
                 f"{plain[first]:.3g}): {verdict}.")
     return Section(title, says, fig, dashboard=True)
+
+
+def initial_gradients(study: optuna.Study) -> Section:
+    """The gradient at initialisation of the study's base (``snn-train --gradients``), measured once and kept
+    in the study (user attr ``init_gradients``)."""
+    title = "Gradient at initialisation: the study's base"
+    found = study.user_attrs.get("init_gradients")
+    if found is None:
+        from trainer.gradients import profile
+
+        try:
+            found = profile(base_config(study)).to_dict()
+        except UserError as err:  # the data set is not on this machine, say
+            return Section(title, f"Not measured here: {err}")
+        study.set_user_attr("init_gradients", found)
+    fig = go.Figure([go.Scatter(x=found["layers"], y=ys, mode="lines+markers", name=name)
+                     for ys, name in ((found["plain"], "no heads"), (found["heads"], "with the base's heads")) if ys])
+    fig.update_layout(yaxis_type="log", xaxis_title="spiking layer, input side first",
+                      yaxis_title="mean |dL/dx| / the last layer's without heads, one batch at init")
+    advice = f" {found['advice']}." if found.get("advice") else ""
+    return Section(title, f"Verdict: {found['verdict']}.{advice}", fig)
 
 
 def history(arms: list[optuna.Study], metric: str) -> Section:
@@ -277,6 +298,7 @@ def sections(study: optuna.Study, dashboard: bool = False) -> list[Section]:
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params]
     if dashboard:
         return out
+    out.append(initial_gradients(study))
     if len(complete) < MIN_IMPORTANCE_TRIALS:
         out.append(Section("Parameter importances", f"Too few complete trials to estimate them ({len(complete)} of "
                            f"the {MIN_IMPORTANCE_TRIALS} needed: fANOVA fits a random forest to the complete "

@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import compat
 from search.space import CONTROL, Space
 from search.storage import artifact_location, open_storage
-from trainer.config import Config
+from trainer.config import Config, build, set_dotted
 from trainer.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -99,6 +99,15 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path)
             study.set_user_attr("recipe_file", space.recipe[0])
             study.set_user_attr("recipe", space.recipe[1])
     return study
+
+
+def base_config(study: optuna.Study) -> Config:
+    """The study's base trainer config, from its identity (where it ran at its defaults: ``PLACE_KEYS``)."""
+    data: dict[str, Any] = {}
+    for key, value in study.user_attrs["identity"].items():
+        if key.startswith("base."):
+            set_dotted(data, key.removeprefix("base."), value)
+    return build(data, f"study {study.study_name}: base")
 
 
 def load_study(study_name: str, storage_url: str) -> optuna.Study:

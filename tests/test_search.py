@@ -317,10 +317,11 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     assert page.headings == [
         "Optimization history", "Learning curves and lambda of the top trials",
         "Gradient flow relative to the last layer: best with heads vs. best without",
-        "The heads' share of the gradient", "val_acc vs. timesteps", "Parameter importances",
+        "The heads' share of the gradient", "val_acc vs. timesteps", "Gradient at initialisation: the study's base",
+        "Parameter importances",
     ]
-    assert page.divs == 4 + headed and not page.external  # plotly.js is inlined: opens offline
-    assert sum("Plotly.newPlot" in s for s in page.scripts) == 4 + headed
+    assert page.divs == 5 + headed and not page.external  # plotly.js is inlined: opens offline
+    assert sum("Plotly.newPlot" in s for s in page.scripts) == 5 + headed
     text = out.read_text()
     (reference,) = optuna.load_study(study_name="tiny.control", storage=url).trials
     assert f"trial {best.number}: val_acc={best.value:.4g}" in text
@@ -329,6 +330,8 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     assert f"{spent} trained; {2 * (len(study.trials) + 1)} if every trial had run its full length" in text
     assert "relative to its last layer, the best trial with heads keeps" in text  # computed from the data
     assert "Too few complete trials to estimate them (4 of the 10 needed" in text
+    assert "Verdict: explodes: the first spiking layer gets" in text  # the base's rectangle, at init
+    assert study.user_attrs["init_gradients"]["layers"][0] == "stem_lif"  # measured once, kept in the study
 
     # the same summary and the SNN figures inside optuna-dashboard, as its web app serves them
     from optuna_dashboard import wsgi

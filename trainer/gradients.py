@@ -87,7 +87,7 @@ class Profile:
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "layers": self.layers, "plain": self.plain, "heads": self.heads,
-                "gain": self.gain, "exits": self.exits, "verdict": self.verdict()}
+                "gain": self.gain, "exits": self.exits, "verdict": self.verdict(), "advice": self.advice()}
 
 
 class Gains:
