@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make run    installs into .venv and runs the main job on the offline default (scikit-learn digits;
-#               two worker processes share the study: on 2 cores 1.75x one process with two threads)
+#               two worker processes share the study: on 2 cores 1.75x one process with two threads), then
+#               writes its report page and prints where
 #   make test   installs into .venv (with the dev extra) and runs the test suite
 PY := .venv/bin/python
 STAMP := .venv/.installed
@@ -14,6 +15,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(PY) search/run.py --space spaces/lambda_decay.yaml --workers 2
+	$(PY) -m search.cli report --study lambda_decay
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --maxschedchunk 1

@@ -237,7 +237,9 @@ def compiled_as(**options: Any) -> Iterator[None]:
 
 
 def epoch_stage(run: Run) -> None:
-    from torch._dynamo.utils import counters  # here: importing dynamo takes a second the children need not
+    from trainer.compat import dynamo_counters
+
+    counters = dynamo_counters()  # here: importing dynamo takes a second the children need not
 
     cfg = run.recipe()
     n_val, n_train = (len(i) for i in split_indices(run.sizes.images, (cfg.data.val_fraction,)))
@@ -263,7 +265,7 @@ def epoch_stage(run: Run) -> None:
             if "CUDA" in name and not run.cuda:
                 print(table.add(name, None, None, None, None, None, None, "needs CUDA"), flush=True)
                 continue
-            torch._dynamo.reset()  # each variant compiles afresh
+            torch.compiler.reset()  # each variant compiles afresh
             skips = counters["inductor"]["cudagraph_skips"]
             with compiled_as(**options) if options else nullcontext():
                 result, error = attempt(lambda: timed_epoch(run, mode, warm))
@@ -277,13 +279,15 @@ def epoch_stage(run: Run) -> None:
             print(table.add(name, seconds, n_train / seconds, eager_s / seconds if eager_s else None, warm_s,
                             fit_s, graphs, note), flush=True)
     finally:
-        torch._dynamo.reset()  # the later stages start without these graphs and their CUDA graph memory
+        torch.compiler.reset()  # the later stages start without these graphs and their CUDA graph memory
 
 
 def timed_epoch(run: Run, mode: str, warm: int) -> tuple[float, float, float, int]:
     """(training pass s, warm-up fit s, timed fit s, graphs compiled in the timed fit) of the recipe's first
     epoch (the callback stops each fit there)."""
-    from torch._dynamo.utils import counters
+    from trainer.compat import dynamo_counters
+
+    counters = dynamo_counters()
 
     first = lambda report: True  # noqa: E731
     t0 = time.perf_counter()

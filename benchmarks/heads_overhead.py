@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from record import Column, Table, add_json_flag, write_json
 from timing import time_ms
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from trainer.compat import TorchDispatchMode
 from trainer.config import NeuronConfig
 from trainer.data import Shape
 from trainer.heads import ShortcutNet

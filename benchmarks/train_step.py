@@ -23,10 +23,10 @@ import torch
 from record import Column, Table, add_json_flag, write_json
 
 from trainer.config import load
-from trainer.fit import INDUCTOR_OPTIONS, resolve_device, step_loss
+from trainer.fit import inductor_options, resolve_device, step_loss
 from trainer.heads import ShortcutNet
 from trainer.data import Shape
-from trainer.probe import run_probe
+from trainer.taps import run_probe
 
 
 def timed_steps(fn, net: ShortcutNet, x: torch.Tensor, y: torch.Tensor, heads: bool, steps: int,
@@ -64,7 +64,7 @@ def main() -> None:
     add_json_flag(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    options = INDUCTOR_OPTIONS.get(device.type) if args.compile_backend == "inductor" else None
+    options = inductor_options(device.type) if args.compile_backend == "inductor" else None
     compiled = torch.compile(step_loss, dynamic=False, backend=args.compile_backend, options=options)  # as fit's
     table = Table(f"batch {args.batch}, T={args.timesteps}, {args.size}x{args.size} inputs, {device}",
                   "arch", "heads", Column("eager ms/step", "{:.1f}"), Column("compiled ms/step", "{:.1f}"),

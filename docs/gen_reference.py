@@ -13,23 +13,19 @@ Sources:
 ``render_models`` renders any pydantic model class as markdown tables, one per model it reaches (nested
 models, lists and mappings of models, unions and discriminated unions); ``render_parser`` does the same
 for an ``argparse.ArgumentParser``. Neither reads the terminal width, so the output is the same everywhere.
-A field's description is its ``Field(description=...)``, else the comment on (or just above) its line in
-the source, else an entry of ``FALLBACK_DESCRIPTIONS``.
+A field's description is its ``Field(description=...)``: the one text the schema, an IDE, ``--help`` and
+these pages share.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import enum
 import importlib
 import inspect
-import io
 import json
 import re
 import sys
-import textwrap
-import tokenize
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -48,63 +44,6 @@ COMMAND = "python docs/gen_reference.py"
 # The space file's root models, by name in search.space (e.g. ["SpaceFile"]): the page starts with them and
 # recurses into every model they use. Empty: found in search.space, see space_models().
 SPACE_MODELS: list[str] = ["SpaceFile"]
-
-# Descriptions for fields whose code has neither Field(description=...) nor a comment, keyed
-# "ClassName.field". They came from the README's config table; the code's own text wins, so moving one
-# into trainer/config.py as Field(description=...) and deleting it here changes nothing on the page.
-FALLBACK_DESCRIPTIONS: dict[str, str] = {
-    "Config.data": "data set, encoding and batches",
-    "Config.model": "the spiking network",
-    "Config.neuron": "the LIF neuron and its surrogate gradient",
-    "Config.heads": "shortcut heads",
-    "Config.lambda_": "the balance coefficient lambda over the epochs",
-    "Config.optim": "optimizer, learning rate, epochs, mixed precision",
-    "Config.run": "seed, device, output folder, resume, diagnostics",
-    "DataConfig.name": "data set",
-    "DataConfig.root": "folder the data sets are read from (and downloaded into)",
-    "DataConfig.download": "download the data set into `root` (MNIST, CIFAR-10/100, CIFAR10-DVS)",
-    "DataConfig.timesteps": "timesteps T",
-    "DataConfig.encoding": "direct: the image at every timestep; poisson: spikes drawn with the pixel "
-                           "value as probability",
-    "DataConfig.image_size": "ImageNet crop, DVS frame side",
-    "DataConfig.limit": "samples per split (null: all)",
-    "ModelConfig.arch": "a registered architecture (spiking ResNets, VGG-11/16) or an import path "
-                        "`package.module:builder` (see Bring your own model)",
-    "ModelConfig.kwargs": "keyword arguments for an import path's builder",
-    "ModelConfig.neurons": "import paths of your own spiking neuron classes, which the diagnostics hook "
-                           "besides ours and SpikingJelly's",
-    "ModelConfig.width": "first-stage channels of a registered architecture (null: the arch's)",
-    "ModelConfig.stem": "registered ResNets: cifar: 3x3 conv; imagenet: 7x7/2 conv + 3x3/2 max pool; auto: the arch's",
-    "NeuronConfig.decay": "membrane decay per timestep (= 1 - 1/tau)",
-    "NeuronConfig.threshold": "firing threshold",
-    "NeuronConfig.reset": "hard: to 0; soft: minus the threshold",
-    "NeuronConfig.detach_reset": "no gradient through the reset",
-    "NeuronConfig.surrogate": "surrogate gradient (trainer/surrogate.py)",
-    "NeuronConfig.alpha": "surrogate sharpness (rectangle: width 1/alpha)",
-    "NeuronConfig.backend": "fused: one autograd function with a hand-written backward through time; "
-                            "loop: the plain per-timestep reference",
-    "NeuronConfig.compile": "torch.compile the LIF loops; auto: on CUDA only",
-    "HeadsConfig.exits": "modules (names from `named_modules()`) that carry a head, e.g. [layer1.0, layer2.1]; "
-                         "`default`: the architecture's stage ends; list them with `snn-train --list-exits`",
-    "HeadsConfig.tokens": "how a head reads 4-D `[T, B, a, b]` outputs: nd: `[T, B, N, D]` tokens (timm's ViTs); "
-                          "dn: `[T, B, D, N]` (SpikingJelly's Spikformer)",
-    "HeadsConfig.hidden": "0: global pool + linear; > 0: a 1x1 conv + BN + LIF of this many channels first",
-    "LambdaConfig.schedule": "the curve from start to end",
-    "LambdaConfig.start": "lambda at the first epoch",
-    "LambdaConfig.end": "lambda once the decay is over",
-    "LambdaConfig.fraction": "share of training over which lambda moves from start to end",
-    "LambdaConfig.rate": "rate of the exponential schedule",
-    "LambdaConfig.steps": "steps of the step schedule",
-    "OptimConfig.name": "optimizer",
-    "OptimConfig.lr": "learning rate (cosine schedule over the epochs)",
-    "OptimConfig.momentum": "SGD momentum",
-    "OptimConfig.epochs": "training epochs",
-    "OptimConfig.amp": "bf16 autocast on CUDA",
-    "RunConfig.out_dir": "folder for model.pt and last.pt (null: write none)",
-    "RunConfig.resume": "continue from out_dir/last.pt",
-    "RunConfig.grad_stats": "per-epoch gradient and firing-rate diagnostics",
-}
-
 
 # ---------------------------------------------------------------- markdown helpers
 
@@ -176,33 +115,6 @@ def anchor(cls: type) -> str:
 
 
 # ---------------------------------------------------------------- pydantic models
-
-def source_comments(cls: type) -> dict[str, str]:
-    """Field name -> the comment on its line(s), or in the comment lines just above it, in the class body."""
-    out: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
-            continue
-        try:
-            src = textwrap.dedent(inspect.getsource(klass))
-        except (OSError, TypeError):
-            continue
-        comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                    for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
-        lines = src.splitlines()
-        body = ast.parse(src).body[0]
-        for node in getattr(body, "body", []):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                texts = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-                above, n = [], node.lineno - 1
-                while n >= 1 and lines[n - 1].strip().startswith("#"):
-                    above.insert(0, comments.get(n, ""))
-                    n -= 1
-                text = " ".join(t for t in above + texts if t)
-                if text:
-                    out[node.target.id] = text
-    return out
-
 
 def is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
@@ -285,7 +197,6 @@ def render_model(cls: type[BaseModel], path: str, found: list[type]) -> list[str
     lines = [f"## {title} {{#{anchor(cls)}}}", ""]
     if doc := docstring(cls):
         lines += [doc, ""]
-    comments = source_comments(cls)
     rows = []
     for name, field in cls.model_fields.items():
         if field.exclude:  # not part of the file
@@ -297,7 +208,7 @@ def render_model(cls: type[BaseModel], path: str, found: list[type]) -> list[str
         if field.discriminator is not None:
             disc = field.discriminator if isinstance(field.discriminator, str) else discriminator_of([field])
             kind += f" (chosen by `{disc}`)" if disc else ""
-        text = field.description or comments.get(name) or FALLBACK_DESCRIPTIONS.get(f"{cls.__name__}.{name}", "")
+        text = field.description or ""
         rows.append([f"`{field.alias or name}`", kind, default_md(field), ", ".join(constraints(field.metadata)),
                      md_text(text)])
     if rows:
@@ -482,7 +393,7 @@ def commands() -> list[tuple[str, str, str]]:
     """(command, module, the same as a script) for every command with a ``make_parser``."""
     from search.cli import COMMANDS
 
-    out = [(f"snn-search {name}", module, f"python {module.replace('.', '/')}.py") for name, module in COMMANDS.items()]
+    out = [(f"snn-search {name}", module, f"python {module.replace('.', '/')}.py") for name, command in COMMANDS.items() for module in [command.module]]
     return out + [("snn-train", "trainer.__main__", "python -m trainer")]
 
 

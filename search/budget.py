@@ -14,7 +14,6 @@ memory) still uses its slot, so a study whose every config fails ends instead of
 from __future__ import annotations
 
 import fcntl
-import logging
 import threading
 import warnings
 import zlib
@@ -28,9 +27,10 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
 from search.retry import retry_history
+from trainer.logs import logger
 from search.storage import heartbeat_enabled
 
-log = logging.getLogger("search")
+log = logger(__name__)
 USED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 

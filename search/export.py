@@ -50,8 +50,6 @@ def exported(study: optuna.Study, trial: FrozenTrial, storage_url: str) -> dict:
 
 def copy_model(study: optuna.Study, trial: FrozenTrial, path: Path) -> bool:
     """Copy the trial's ``model.pt`` artifact to ``path``; False if the trial kept none."""
-    if "artifacts" not in study.user_attrs:  # a study from before artifacts
-        return False
     store = artifact_store(study.user_attrs["artifacts"])
     meta = next((m for m in get_all_artifact_meta(trial, storage=compat.storage(study)) if m.filename == MODEL_FILE), None)
     if meta is None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from trainer.fit import EpochReport
+from trainer.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,10 @@ def spike_rate(report: EpochReport, train_time: float = 0.0) -> float:
     return statistics.mean(rates) if rates else 0.0
 
 
-METRICS: dict[str, Metric] = {
-    "val_acc": Metric("maximize", _reported("val_acc")),
-    "val_loss": Metric("minimize", _reported("val_loss")),
-    "energy": Metric("minimize", _reported("energy")),
-    "sops": Metric("minimize", _reported("sops")),
-    "spike_rate": Metric("minimize", spike_rate),
-    "train_time": Metric("minimize", lambda report, train_time: train_time),
-}
+METRICS: Registry[Metric] = Registry("metric")
+METRICS.register("val_acc")(Metric("maximize", _reported("val_acc")))
+METRICS.register("val_loss")(Metric("minimize", _reported("val_loss")))
+METRICS.register("energy")(Metric("minimize", _reported("energy")))
+METRICS.register("sops")(Metric("minimize", _reported("sops")))
+METRICS.register("spike_rate")(Metric("minimize", spike_rate))
+METRICS.register("train_time")(Metric("minimize", lambda report, train_time: train_time))

@@ -30,10 +30,12 @@ from search.storage import arm_dir, artifact_store, cause, fail_stale, heartbeat
 from search.study import create_study
 from search.trial import Outcome, TrialRecord, directories, drop_checkpoints, finish, run_trial, trial_dir
 from trainer import stop
+from trainer.logs import logger
 from trainer.errors import UserError
 from trainer.fit import EpochReport
 
 
+log = logger(__name__)
 POLL = 1.0  # seconds between a waiting worker's looks at the others' trials: it exits within a second of them
 
 
@@ -78,7 +80,7 @@ class Worker:
         self.epochs, self.line = EpochProgress(tag, position), TrialLine(tag)
 
     def say(self, text: str) -> None:
-        print(f"{self.tag}{text}", flush=True)
+        log.info(f"{self.tag}{text}")
 
     def recover(self, arm: Arm) -> None:
         """Fail and queue again the arm's trials whose worker died; drop those whose retries are used up."""

@@ -31,7 +31,9 @@ from search.samplers import POPULATION
 from search.space import Categorical, Float, Int, Param, Space, SpaceError, suggest
 from search.trial import LINEAGE_FILE, trial_dir
 from trainer.files import atomic_write
+from trainer.logs import logger
 
+log = logger(__name__)
 MUTABLE = ("lambda.start", "optim.lr", "optim.weight_decay", "optim.momentum")
 
 
@@ -176,7 +178,7 @@ class Member:
         if state is None or state["trial"] == trial:
             return cls(trial, state["lineage"] if state else [], made)
         copy = {"trial": trial, "epoch": epochs, "donor": state["trial"], "values": values}
-        print(f"trial {trial} copies trial {copy['donor']} after epoch {epochs} and goes on with {values}", flush=True)
+        log.info(f"trial {trial} copies trial {copy['donor']} after epoch {epochs} and goes on with {values}")
         return cls(trial, [*state["lineage"], copy], [*made, copy])
 
     def attrs(self, history: list[dict[str, float]]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Any
 
 import optuna
 
+from trainer.registry import Registry
+
 
 @dataclass(frozen=True)
 class Pruner:
@@ -57,15 +59,14 @@ def _fifo_tune(first: int, epochs: int) -> Any:
     return FIFOScheduler()
 
 
-PRUNERS: dict[str, Pruner] = {
-    "median": Pruner(lambda first, epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first),
-                     _median_tune),
-    "hyperband": Pruner(lambda first, epochs: optuna.pruners.HyperbandPruner(
-        min_resource=first, max_resource=epochs, reduction_factor=3), _hyperband_tune),
-    "successive_halving": Pruner(lambda first, epochs: optuna.pruners.SuccessiveHalvingPruner(
-        min_resource=first, reduction_factor=3), _asha_tune),
-    "none": Pruner(lambda first, epochs: optuna.pruners.NopPruner(), _fifo_tune),
-}
+PRUNERS: Registry[Pruner] = Registry("pruner")
+PRUNERS.register("median")(Pruner(
+    lambda first, epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=first), _median_tune))
+PRUNERS.register("hyperband")(Pruner(lambda first, epochs: optuna.pruners.HyperbandPruner(
+    min_resource=first, max_resource=epochs, reduction_factor=3), _hyperband_tune))
+PRUNERS.register("successive_halving")(Pruner(lambda first, epochs: optuna.pruners.SuccessiveHalvingPruner(
+    min_resource=first, reduction_factor=3), _asha_tune))
+PRUNERS.register("none")(Pruner(lambda first, epochs: optuna.pruners.NopPruner(), _fifo_tune))
 
 
 def _args(space: Any) -> tuple[int, int]:

@@ -42,11 +42,13 @@ from search.storage import arm_dir, artifact_store, study_dir  # noqa: E402
 from search.study import create_study  # noqa: E402
 from search.trial import Outcome, TrialRecord, directories, finish, run_trial, trial_dir  # noqa: E402
 from trainer import stop  # noqa: E402
+from trainer.logs import logger, show  # noqa: E402
 from trainer.checkpoint import STATE_FILE, load_history  # noqa: E402
 from trainer.files import atomic_write  # noqa: E402
 from trainer.fit import EpochReport  # noqa: E402
 
 
+log = logger(__name__)
 PBT_KEEP = 4  # checkpoints kept per PBT member
 OWN = ("trial", "directory", "earlier", "resume")  # a Tune trial's Optuna trial, folders, and whether it resumes
 
@@ -76,6 +78,7 @@ def _trainable(space: Space):
     """
 
     def train(config: dict[str, Any]) -> None:
+        show()  # a Ray worker's own process: its messages reach the driver's output through Ray's
         if Path(config["cwd"]).is_dir():  # relative paths (data.root) mean what they mean to the driver; Ray's
             os.chdir(config["cwd"])  # workers start in folders of their own
         config = _own(config, tune.get_context().get_trial_id())
@@ -318,14 +321,14 @@ def run_arm(space: Space, storage: optuna.storages.BaseStorage, url: str, timeou
     # restore may point at a checkpoint it deleted just before the driver died); other trials are queued again
     survivors = pbt.survivors(study, root) if pbt_run else []
     if survivors:
-        print(f"study {s.name!r}: the population's driver died; members {[m['trial'] for m in survivors]} go on "
-              f"from their last checkpoints", flush=True)
+        log.info(f"study {s.name!r}: the population's driver died; members {[m['trial'] for m in survivors]} go "
+                 f"on from their last checkpoints")
     orphans = [] if pbt_run else requeue_orphans(study, s.max_retry)
     if orphans:
-        print(f"trials {orphans} were left RUNNING by an earlier Ray driver: failed, and queued again", flush=True)
+        log.info(f"trials {orphans} were left RUNNING by an earlier Ray driver: failed, and queued again")
     more = remaining(study.get_trials(deepcopy=False), s.population if pbt_run else s.n_trials) + len(survivors)
     if more <= 0:
-        print(f"study {s.name!r} already has {s.population if pbt_run else s.n_trials} trials", flush=True)
+        log.info(f"study {s.name!r} already has {s.population if pbt_run else s.n_trials} trials")
         return study
     _init(address)  # before the Tuner: it reads the cluster's resources
     epochs = space.config({}).optim.epochs
@@ -360,8 +363,7 @@ def run_arm(space: Space, storage: optuna.storages.BaseStorage, url: str, timeou
             values = ", ".join(f"{m}={r[m]:.4g}" for m in s.metrics if isinstance(r.get(m), float))
             params = ", ".join(f"{k}={v}" for k, v in trial.config["values"].items())
             number = _own(trial.config, trial.trial_id)["trial"]
-            print(f"ray trial {number} done after {r.get('epochs_run', 0)}/{epochs} epochs: {values} | {params}",
-                  flush=True)
+            log.info(f"ray trial {number} done after {r.get('epochs_run', 0)}/{epochs} epochs: {values} | {params}")
 
     tuner = tune.Tuner(
         tune.with_resources(_trainable(space), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}),
@@ -379,15 +381,15 @@ def run_arm(space: Space, storage: optuna.storages.BaseStorage, url: str, timeou
             failure_config=tune.FailureConfig(max_failures=s.max_retry),  # restarts resume
         ),
     )
-    print(f"study {s.name!r}: {what}", flush=True)
+    log.info(f"study {s.name!r}: {what}")
     tuner.fit()
     signum = stop.requested()
     if signum and pbt_run:
-        print(f"{stop.WHY[signum]}: the members go on from their last checkpoints on the next run", flush=True)
+        log.info(f"{stop.WHY[signum]}: the members go on from their last checkpoints on the next run")
     elif signum:
         stopped = search_alg.end_stopped(stop.WHY[signum])
-        print(f"{stop.WHY[signum]}: trials {stopped} ended; those cut short are queued again and resume from their "
-              f"last epoch", flush=True)
+        log.info(f"{stop.WHY[signum]}: trials {stopped} ended; those cut short are queued again and resume from "
+                 f"their last epoch")
     stop.check()
     return study
 

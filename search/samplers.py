@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import numpy as np
 import optuna
 from optuna.samplers import BaseSampler, GridSampler
+
+from trainer.registry import Registry
+from trainer.seeds import derive
 
 
 def startup_trials(n_trials: int) -> int:
@@ -29,7 +31,7 @@ def population(n_trials: int) -> int:
 
 def worker_seed(seed: int | None, worker: int) -> int | None:
     """Worker ``worker``'s sampler seed: an independent stream derived from ``study.seed``."""
-    return None if seed is None else int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
+    return None if seed is None else derive(seed, worker)
 
 
 class Grid(GridSampler):
@@ -52,20 +54,19 @@ def grid(params: Iterable[Gridded]) -> dict[str, list[Any]]:
 
 
 # (space, seed) -> sampler, where space is a search.space.Space (which imports this module).
-SAMPLERS: dict[str, Callable[[Any, int | None], BaseSampler]] = {
-    # Optuna's 10 random start-up trials would leave a 12-trial study 2 model-guided ones.
-    "tpe": lambda space, seed: optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=startup_trials(space.study.n_trials), constant_liar=True),
-    "gp": lambda space, seed: optuna.samplers.GPSampler(seed=seed),
-    "cmaes": lambda space, seed: optuna.samplers.CmaEsSampler(seed=seed),
-    "random": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),
-    "nsga2": lambda space, seed: optuna.samplers.NSGAIISampler(
-        seed=seed, population_size=population(space.study.n_trials)),
-    "grid": lambda space, seed: Grid(grid(space.params), seed=seed),
-    # population-based training (search/pbt.py, Ray): the first population, drawn at random
-    "pbt": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),
-    "pb2": lambda space, seed: optuna.samplers.RandomSampler(seed=seed),  # PBT, new values from a GP bandit
-}
+SAMPLERS: Registry[Callable[[Any, int | None], BaseSampler]] = Registry("sampler")
+# Optuna's 10 random start-up trials would leave a 12-trial study 2 model-guided ones.
+SAMPLERS.register("tpe")(lambda space, seed: optuna.samplers.TPESampler(
+    seed=seed, n_startup_trials=startup_trials(space.study.n_trials), constant_liar=True))
+SAMPLERS.register("gp")(lambda space, seed: optuna.samplers.GPSampler(seed=seed))
+SAMPLERS.register("cmaes")(lambda space, seed: optuna.samplers.CmaEsSampler(seed=seed))
+SAMPLERS.register("random")(lambda space, seed: optuna.samplers.RandomSampler(seed=seed))
+SAMPLERS.register("nsga2")(lambda space, seed: optuna.samplers.NSGAIISampler(
+    seed=seed, population_size=population(space.study.n_trials)))
+SAMPLERS.register("grid")(lambda space, seed: Grid(grid(space.params), seed=seed))
+# population-based training (search/pbt.py, Ray): the first population, drawn at random
+SAMPLERS.register("pbt")(lambda space, seed: optuna.samplers.RandomSampler(seed=seed))
+SAMPLERS.register("pb2")(lambda space, seed: optuna.samplers.RandomSampler(seed=seed))  # new values from a GP bandit
 POPULATION = ("pbt", "pb2")  # the samplers above that train one population (Ray only, no pruner)
 
 

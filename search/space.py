@@ -43,6 +43,7 @@ from search.samplers import POPULATION, SAMPLERS, grid
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
 from trainer.probe import check
 from trainer.errors import UserError, quote
+from trainer.registry import Registry
 
 MAX_GRID = 10**6  # grid points of one parameter: more would not run, and would fill memory at load
 HEAD_KEYS = ("heads.", "lambda.")  # what the control arm does not search: it trains without heads
@@ -104,12 +105,12 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _one_of(names: dict[str, Any]) -> PlainValidator:
-    """A name of a registry (``SAMPLERS``, ``PRUNERS``)."""
+def _one_of(names: Registry) -> PlainValidator:
+    """A name of a registry (``SAMPLERS``, ``PRUNERS``), with the registry's own message."""
 
     def check(value: Any) -> str:
         if not isinstance(value, str) or value not in names:
-            raise _bad(f"got {quote(value)} (allowed: {', '.join(names)})")
+            raise _bad(names.unknown(value))
         return value
 
     return PlainValidator(check)
@@ -125,7 +126,7 @@ def _metrics(value: Any) -> list[str]:
     metrics = _as_list(value)
     for m in metrics:
         if not isinstance(m, str) or m not in METRICS:
-            raise _bad(f"unknown metric {quote(m)} (allowed: {', '.join(METRICS)})")
+            raise _bad(METRICS.unknown(m))
     return metrics
 
 
@@ -202,27 +203,42 @@ class _Model(BaseModel):
 class Study(_Model):
     """The ``study:`` section: what is optimized, how trials are sampled and pruned, and the budget."""
 
-    name: Annotated[str, PlainValidator(_name)] = Field("", validate_default=True)  # letters, digits, _ or -
-    metrics: Annotated[list[str], PlainValidator(_metrics)] = Field(["val_acc"], alias="metric")  # METRICS
-    directions: list[str] = Field(None, alias="direction", validate_default=True)  # default: the metrics' own
-    sampler: Annotated[str, _one_of(SAMPLERS)] = "tpe"  # search/samplers.py
-    pruner: Annotated[str, _one_of(PRUNERS)] = "hyperband"  # search/pruners.py
-    min_epochs: Annotated[int | None, _count(1, null=True)] = None  # before pruning; null: Space.min_epochs
-    n_trials: Annotated[int, _count(1)] = 20  # the budget (--n-trials overrides it)
-    timeout: Annotated[float | None, PlainValidator(_seconds)] = None  # seconds; null: no limit
-    seed: _Seed = 0  # of the samplers; null: a fresh one each run
-    storage: _Text = None  # an Optuna storage URL; null: a SQLite file named after the study
-    heartbeat: Annotated[int, _count(1)] = 10  # seconds between RUNNING-trial heartbeats (storage.timeouts)
-    max_retry: Annotated[int, _count(0)] = 2  # times a trial whose worker died is queued again
-    artifacts: _Text = None  # folder of the artifact store, or s3://bucket, gs://bucket; null: <study dir>/artifacts
-    checkpoint_every: Annotated[int, _count(0)] = 0  # epochs between uploads of last.pt to the artifacts; 0: never
-    # trials of the control arm, a companion study <name>.control that tunes the other parameters with heads
-    # off; null: n_trials; false: one run of the base without heads; 0: no control arm
+    name: Annotated[str, PlainValidator(_name)] = Field("", validate_default=True,
+        description="letters, digits, _ or -")
+    metrics: Annotated[list[str], PlainValidator(_metrics)] = Field(["val_acc"], alias="metric",
+        description="METRICS")
+    directions: list[str] = Field(None, alias="direction", validate_default=True,
+        description="default: the metrics' own")
+    sampler: Annotated[str, _one_of(SAMPLERS)] = Field("tpe", description="search/samplers.py")
+    pruner: Annotated[str, _one_of(PRUNERS)] = Field("hyperband", description="search/pruners.py")
+    min_epochs: Annotated[int | None, _count(1, null=True)] = Field(None,
+        description="before pruning; null: Space.min_epochs")
+    n_trials: Annotated[int, _count(1)] = Field(20, description="the budget (--n-trials overrides it)")
+    timeout: Annotated[float | None, PlainValidator(_seconds)] = Field(None,
+        description="seconds; null: no limit")
+    seed: _Seed = Field(0, description="of the samplers; null: a fresh one each run")
+    storage: _Text = Field(None,
+        description="an Optuna storage URL; null: a SQLite file named after the study")
+    heartbeat: Annotated[int, _count(1)] = Field(10,
+        description="seconds between RUNNING-trial heartbeats (storage.timeouts)")
+    max_retry: Annotated[int, _count(0)] = Field(2,
+        description="times a trial whose worker died is queued again")
+    artifacts: _Text = Field(None,
+        description="folder of the artifact store, or s3://bucket, gs://bucket; null: <study dir>/artifacts")
+    checkpoint_every: Annotated[int, _count(0)] = Field(0,
+        description="epochs between uploads of last.pt to the artifacts; 0: never")
     control: Annotated[int | bool | None, _check(lambda v: v is None or v is False or (_integer(v) and v >= 0),
-                                                 "must be an integer >= 0, false or null")] = None
-    recipe: _Text = None  # a trainer config that `snn-search confirm` retrains as published (relative to this file)
-    population: Annotated[int, _count(2)] = 4  # sampler pbt, pb2: members trained at once (the study's trials)
-    perturbation_interval: Annotated[int, _count(1)] = 2  # sampler pbt, pb2: epochs between copies
+                                                 "must be an integer >= 0, false or null")] = Field(
+        None, description="trials of the control arm, a companion study <name>.control that tunes the other "
+                          "parameters with heads off; null: n_trials; false: one run of the base without heads; "
+                          "0: no control arm")
+    recipe: _Text = Field(None,
+        description="a trainer config that `snn-search confirm` retrains as published (relative to this "
+                    "file)")
+    population: Annotated[int, _count(2)] = Field(4,
+        description="sampler pbt, pb2: members trained at once (the study's trials)")
+    perturbation_interval: Annotated[int, _count(1)] = Field(2,
+        description="sampler pbt, pb2: epochs between copies")
 
     @model_validator(mode="before")
     @classmethod
@@ -257,9 +273,10 @@ class Study(_Model):
 class Param(_Model):
     """One searched config key: the kinds below, told apart by ``type``."""
 
-    key: str = Field("", exclude=True)  # the dotted config path it is listed under in ``space``
-    type: str
-    when: Annotated[dict[str, list[Any]], PlainValidator(_when)] = {}  # sampled where earlier ones took these
+    key: str = Field("", exclude=True, description="the dotted config path it is listed under in ``space``")
+    type: str = Field(description="the kind of parameter: float, int, categorical or subset")
+    when: Annotated[dict[str, list[Any]], PlainValidator(_when)] = Field({},
+        description="sampled where earlier ones took these")
 
     @classmethod
     def kind(cls) -> str:
@@ -270,10 +287,8 @@ class Param(_Model):
         return f"unknown for {cls.kind()} (allowed: {', '.join(sorted(cls._keys()))})"
 
     def identity(self) -> dict[str, Any]:
-        """The parameter as a study records it (``search.study.identity``): the fields and defaults of the
-        one class all kinds shared before, so that stored studies keep matching."""
-        return {"type": self.type, "low": None, "high": None, "log": False, "step": None, "choices": [],
-                "when": self.when}
+        """The parameter as a study records it (``search.study.identity``): its fields as written."""
+        return self.model_dump(mode="json")
 
     def active(self, values: dict[str, Any]) -> bool:
         """Whether this parameter is sampled, given the values sampled before it."""
@@ -299,10 +314,10 @@ class Param(_Model):
 class _Range(Param):
     """``low`` to ``high``, both inclusive; ``log`` samples on a log scale, ``step`` on a lattice."""
 
-    low: _Number = None  # required
-    high: _Number = None  # required, >= low
-    log: _Bool = False  # needs low > 0 and no step
-    step: _NumberStep = None  # the grid sampler needs one for floats
+    low: _Number = Field(None, description="required")
+    high: _Number = Field(None, description="required, >= low")
+    log: _Bool = Field(False, description="needs low > 0 and no step")
+    step: _NumberStep = Field(None, description="the grid sampler needs one for floats")
 
     @model_validator(mode="after")
     def _bounds(self) -> _Range:
@@ -311,9 +326,6 @@ class _Range(Param):
         if self.log and (self.step is not None or self.low <= 0):
             raise _bad("needs low > 0 and no step", at="log")
         return self
-
-    def identity(self) -> dict[str, Any]:
-        return super().identity() | {"low": self.low, "high": self.high, "log": self.log, "step": self.step}
 
     def values(self) -> list[Any]:
         d = self.distributions()[self.key]  # Optuna's: high lowered onto the last step
@@ -331,7 +343,7 @@ class _Range(Param):
 
 
 class Float(_Range):
-    type: Literal["float"]
+    type: Literal["float"] = Field(description="float: a float from low to high")
 
     def distributions(self) -> dict[str, BaseDistribution]:
         return {self.key: FloatDistribution(self.low, self.high, log=self.log, step=self.step)}
@@ -341,10 +353,10 @@ class Float(_Range):
 
 
 class Int(_Range):
-    type: Literal["int"]
-    low: _Integer = None  # required
-    high: _Integer = None  # required, >= low
-    step: _IntegerStep = None  # null: 1
+    type: Literal["int"] = Field(description="int: an integer from low to high")
+    low: _Integer = Field(None, description="required")
+    high: _Integer = Field(None, description="required, >= low")
+    step: _IntegerStep = Field(None, description="null: 1")
 
     def distributions(self) -> dict[str, BaseDistribution]:
         return {self.key: IntDistribution(self.low, self.high, log=self.log, step=self.step or 1)}
@@ -354,10 +366,7 @@ class Int(_Range):
 
 
 class _Choice(Param):
-    choices: _ChoiceList = Field(None, validate_default=True)  # required
-
-    def identity(self) -> dict[str, Any]:
-        return super().identity() | {"choices": self.choices}
+    choices: _ChoiceList = Field(None, validate_default=True, description="required")
 
     def grid(self) -> dict[str, list[Any]]:
         return {name: list(d.choices) for name, d in self.distributions().items()}
@@ -366,7 +375,7 @@ class _Choice(Param):
 class Categorical(_Choice):
     """One of ``choices``."""
 
-    type: Literal["categorical"]
+    type: Literal["categorical"] = Field(description="categorical: one of choices")
 
     def distributions(self) -> dict[str, BaseDistribution]:
         return {self.key: CategoricalDistribution(self.choices)}
@@ -382,7 +391,7 @@ class Subset(_Choice):
     """Any subset of ``choices`` (head positions): one yes/no Optuna parameter ``key:choice`` each, so a
     sampler models each member on its own."""
 
-    type: Literal["subset"]
+    type: Literal["subset"] = Field(description="subset: any subset of choices, one yes/no each")
 
     def distributions(self) -> dict[str, BaseDistribution]:
         return {f"{self.key}:{c}": CategoricalDistribution((False, True)) for c in self.choices}
@@ -403,10 +412,13 @@ AnyParam = Annotated[Float | Int | Categorical | Subset, Field(discriminator="ty
 class SpaceFile(_Model):
     """A space file as written; ``load_space`` resolves it into a ``Space``."""
 
-    study: Study = Field(None, validate_default=True)  # required: at least a name
-    base: Annotated[dict[str, Any], _mapping("must be a trainer config mapping")] = {}  # trainer config
-    final: Annotated[dict[str, Any], _mapping("must map dotted config keys to values")] = {}  # for retraining
-    space: dict[str, AnyParam] = Field(None, validate_default=True)  # required; keyed by dotted config path
+    study: Study = Field(None, validate_default=True, description="required: at least a name")
+    base: Annotated[dict[str, Any], _mapping("must be a trainer config mapping")] = Field({},
+        description="trainer config")
+    final: Annotated[dict[str, Any], _mapping("must map dotted config keys to values")] = Field({},
+        description="for retraining")
+    space: dict[str, AnyParam] = Field(None, validate_default=True,
+        description="required; keyed by dotted config path")
 
     @classmethod
     def _unknown(cls) -> str:
@@ -593,7 +605,7 @@ def _check_configs(space: Space) -> None:
             for a, b in itertools.product(values[p], values[q]):
                 check(space.config({p: a, q: b}), source)
         check(space.final_config(cfg.to_dict()), f"{space.path}: final")
-    except ConfigError as err:
+    except UserError as err:  # a config the model rejects, a model that cannot run, an exit it lacks
         raise SpaceError(str(err)) from None
 
 

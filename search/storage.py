@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -30,6 +31,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from search import compat
 from search.retry import Requeue
 from trainer.errors import UserError
+from trainer.registry import Registry
 
 STUDIES_DIR = Path("studies")
 
@@ -189,10 +191,10 @@ def fail_stale(study: optuna.Study) -> tuple[list[int], list[int]]:
     return sorted(queued), sorted(exhausted)
 
 
-ARTIFACT_STORES = {  # URL scheme of study.artifacts -> Optuna's store for that service (any other: a folder)
-    "s3": lambda bucket: Boto3ArtifactStore(bucket),  # credentials and endpoint from boto3's usual settings
-    "gs": lambda bucket: GCSArtifactStore(bucket),
-}
+# URL scheme of study.artifacts -> Optuna's store for that service (any other: a folder)
+ARTIFACT_STORES: Registry[Callable[[str], compat.ArtifactStore]] = Registry("artifact store")
+ARTIFACT_STORES.register("s3")(lambda bucket: Boto3ArtifactStore(bucket))  # credentials: boto3's usual settings
+ARTIFACT_STORES.register("gs")(lambda bucket: GCSArtifactStore(bucket))
 
 
 def artifact_location(spec: str | None, root: Path) -> str:

@@ -17,6 +17,7 @@ from trainer.config import Config, build, set_dotted
 from trainer.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+IDENTITY_SCHEMA = 1  # the form of a stored identity: another form is another study, said in one line
 
 
 # Where and how a config runs, not what it is: workers on other devices or machines share a study.
@@ -40,20 +41,8 @@ def identity(space: Space) -> dict[str, Any]:
     doc = {k: v for k, v in _flat(space.config({}).to_dict(), "base").items() if not k.startswith(PLACE_KEYS)}
     for p in space.params:
         doc |= _flat(p.identity(), f"space.{p.key}")
-    doc |= {"study.metric": space.study.metrics, "study.direction": space.study.directions}
+    doc |= {"study.metric": space.study.metrics, "study.direction": space.study.directions, "schema": IDENTITY_SCHEMA}
     return json.loads(json.dumps(doc))  # as the storage gives it back
-
-
-def _recorded_identity(study: optuna.Study, space: Space, mine: dict[str, Any]) -> dict[str, Any] | None:
-    """The identity of a study from before identities were stored, as far as its trials tell: the base
-    config a trial recorded (searched keys aside), with this run's space, metrics and directions."""
-    trial = next((t for t in study.get_trials(deepcopy=False) if "config" in t.user_attrs), None)
-    if trial is None:
-        return None
-    searched = tuple(f"base.{p.key}" for p in space.params)
-    base = {k: v for k, v in _flat(trial.user_attrs["config"], "base").items()
-            if not k.startswith(PLACE_KEYS + searched)}
-    return base | {k: v for k, v in mine.items() if not k.startswith("base.") or k.startswith(searched)}
 
 
 def _check_identity(space: Space, stored: dict[str, Any], mine: dict[str, Any]) -> None:
@@ -82,11 +71,15 @@ def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path)
         raise StudyMismatchError(f"{space.path}: 'study.direction': the stored study {space.study.name!r} has "
                                  f"{[d.name.lower() for d in study.directions]}")
     attrs, mine = study.user_attrs, identity(space)  # user_attrs reads the storage on each access
-    stored = attrs.get("identity") or _recorded_identity(study, space, mine)
-    if stored is not None:
-        _check_identity(space, stored, mine)
-    if "identity" not in attrs:  # first creation (or a study from before identities)
+    stored = attrs.get("identity")
+    if stored is None:  # the first creation
         study.set_user_attr("identity", mine)
+    elif stored.get("schema") != IDENTITY_SCHEMA:
+        raise StudyMismatchError(f"{space.path}: study {space.study.name!r} was created by an earlier version of "
+                                 f"this project (identity schema {stored.get('schema', 0)}, this one writes "
+                                 f"{IDENTITY_SCHEMA}): run the space as a new study (--study-name NAME)")
+    else:
+        _check_identity(space, stored, mine)
     if attrs.get("space_file") is None:
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -30,13 +30,14 @@ from multiprocessing import forkserver
 from typing import Any
 
 from trainer import stop
+from trainer.logs import logger
 from trainer.errors import UserError
 
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 PARENT_ONLY = ("workers", "devices", "worker_index")  # what each child must not inherit: it is one worker
-FLAGS = {"overrides": "--set"}  # dests whose flag is not --<dest with dashes>
 # what each worker imports (torch.optim's first optimizer imports dynamo)
 PRELOAD = ["search.run", "search.optuna_backend", "torch._dynamo"]
+log = logger(__name__)
 POLL = 0.2  # seconds between the parent's looks at its stop flag while it waits for the workers
 GRACE = 120  # seconds the workers have to end their trials after a stop, before they are killed
 
@@ -65,7 +66,7 @@ def child_args(args: argparse.Namespace, index: int, device: str) -> list[str]:
     for dest, value in vars(args).items():
         if dest in PARENT_ONLY or value is None or value is False:
             continue
-        flag = FLAGS.get(dest, "--" + dest.replace("_", "-"))
+        flag = "--set" if dest == "overrides" else "--" + dest.replace("_", "-")  # the one flag not named after its dest
         for item in value if isinstance(value, list) else [value]:
             out += [flag] if value is True else [flag, str(item)]
     return [*out, "--worker-index", str(index), "--set", f"run.device={device}"]
@@ -136,21 +137,20 @@ def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: 
                                      name=f"worker {i}"))
         procs[-1].start()
         stop.point("workers")
-    print(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
-          f"(pids {', '.join(str(p.pid) for p in procs)})", flush=True)
+    log.info(f"started {len(procs)} workers on {', '.join(dict.fromkeys(devices))} "
+             f"(pids {', '.join(str(p.pid) for p in procs)})")
     passed, stopped = 0, None  # Ctrl-Cs passed on; when the stop was
     while alive := [p for p in procs if p.exitcode is None]:
         if stop.requested() and stopped is None:
-            print(f"{stop.WHY[stop.requested()]}: stopping the workers; their running trials are queued again",
-                  flush=True)
+            log.info(f"{stop.WHY[stop.requested()]}: stopping the workers; their running trials are queued again")
             stop.share(flag)
             passed, stopped = stop.interrupts(), time.monotonic()
         if stop.interrupts() > passed:  # a Ctrl-C during the stop: the workers stop mid-computation
             passed = stop.interrupts()
             _signal(alive, signal.SIGINT)
         if stopped is not None and time.monotonic() - stopped > GRACE:
-            print(f"workers still running {GRACE} s after the stop: killed; their trials are retried once their "
-                  f"heartbeats are stale", file=sys.stderr, flush=True)
+            log.warning(f"workers still running {GRACE} s after the stop: killed; their trials are retried once "
+                        f"their heartbeats are stale")
             _signal(alive, signal.SIGKILL)
             stopped = math.inf
         multiprocessing.connection.wait([p.sentinel for p in alive], timeout=POLL)
@@ -159,5 +159,5 @@ def launch(main: Callable[[list[str]], int], args: argparse.Namespace, devices: 
         if code and not stop.requested():
             killed = -p.exitcode if p.exitcode < 0 else 0
             how = f"was killed by {signal.Signals(killed).name}" if killed else f"exited with {code}"
-            print(f"{p.name} (pid {p.pid}) {how}", file=sys.stderr, flush=True)
+            log.warning(f"{p.name} (pid {p.pid}) {how}")
     return max(codes, default=0)

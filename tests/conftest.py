@@ -39,17 +39,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = rest[:workers] + waiting + rest[workers:]
 
 
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+PG_SERVER = os.environ.get("SNN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 
 
 @pytest.fixture
 def pg_url():
-    """A fresh PostgreSQL database for one test, dropped afterwards (fails, never skips, without a server)."""
+    """A fresh PostgreSQL database for one test, dropped afterwards. Without a server the test is skipped
+    with the reason (a laptop), unless ``CI`` is set: there it fails, so CI always runs these tests."""
     admin = sqlalchemy.create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
     try:
         admin.connect().close()
     except sqlalchemy.exc.OperationalError:
-        pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER} (start it: see docs/development.md)")
+        reason = f"PostgreSQL is not reachable at {PG_SERVER} (start it: see docs/development.md)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     name = f"snn_{uuid.uuid4().hex[:10]}"
     with admin.connect() as conn:
         conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))

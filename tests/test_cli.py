@@ -72,3 +72,14 @@ def test_workers_refuse_prefixes_instead_of_passing_them_to_children(tmp_path):
                "--storage", f"sqlite:///{tmp_path}/x.db")
     one_line_error(proc, "--dev")
     assert not (tmp_path / "x.db").exists()
+
+
+def test_snn_search_alone_lists_its_commands_in_plain_text_and_says_its_version():
+    from importlib.metadata import version
+
+    alone = subprocess.run([sys.executable, "-m", "search.cli"], cwd=ROOT, capture_output=True, text=True)
+    assert alone.returncode == 2 and "``" not in alone.stdout
+    assert [line.split()[0] for line in alone.stdout.splitlines() if line.startswith("  ")] == [
+        "run", "confirm", "export", "retrain", "report"]
+    said = subprocess.run([sys.executable, "-m", "search.cli", "--version"], cwd=ROOT, capture_output=True, text=True)
+    assert said.returncode == 0 and said.stdout == f"snn-search {version('snn-shortcut-search')}\n"

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from trainer.config import Config, ConfigError, load
+from trainer.errors import UserError
 
 from conftest import ROOT
 
@@ -77,7 +78,7 @@ def test_device_takes_an_index_and_a_missing_gpu_is_an_error():
         load(None, ["run.device=gpu"])
     assert resolve_device("cpu").type == "cpu"
     if not __import__("torch").cuda.is_available():  # CI: no GPU, so asking for one must fail loudly
-        with pytest.raises(RuntimeError, match="run.device is 'cuda:3' but 0 CUDA devices are visible"):
+        with pytest.raises(UserError, match="run.device is 'cuda:3' but 0 CUDA devices are visible"):
             resolve_device("cuda:3")
 
 
@@ -85,7 +86,7 @@ def test_head_exits_are_checked_against_the_architecture_on_a_dry_run():
     from trainer.probe import check
 
     assert list(check(load(None, ["model.arch=resnet18", "heads.exits=[layer4.1]"]))) == ["layer4.1"]
-    with pytest.raises(ConfigError, match=r"resnet20 has no module 'layer4.1' \(closest: layer3.1, layer2.1, "):
+    with pytest.raises(UserError, match=r"resnet20 has no module 'layer4.1' \(closest: layer3.1, layer2.1, "):
         check(load(None, ["heads.exits=[layer4.1]"]))
     assert list(check(load(None, ["heads.exits=[default]"]))) == ["layer1.2", "layer2.2"]  # stage ends
 

@@ -286,7 +286,7 @@ def test_fit_with_the_compiled_step_trains_like_eager_and_still_measures_gradien
     1); 1 +- 2^-20 in 62 of 64, by up to 2.7e-3 and 6.5e-3. The compiled run is such a run: on that CPU a
     1e-4 bound once failed at 1.7e-4 (2.3413 against 2.3409). Each bound is ~3x the widest move measured.
     The gradient bound also caught a wrong compile: with inductor's layout optimisation, every step's gradient
-    was 1.1-2.1 off in norm (the 1x1 shortcut's weight; ``trainer.fit.INDUCTOR_OPTIONS`` says why)."""
+    was 1.1-2.1 off in norm (the 1x1 shortcut's weight; ``trainer.fit.inductor_options`` says why)."""
     import trainer.fit
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 

@@ -6,7 +6,7 @@ from trainer.config import NeuronConfig
 from trainer.data import Shape
 from trainer.heads import ShortcutNet
 from trainer.models import ARCHS
-from trainer.probe import UnknownExitError, run_probe
+from trainer.taps import UnknownExitError, run_probe
 
 NEURON = NeuronConfig().factory(cuda=False)
 BLOCK = r"layer\d+\.\d+"

@@ -5,7 +5,8 @@ import torch
 
 from trainer import neuron
 from trainer.neuron import LIF, LIFFunction, lif_loop
-from trainer.surrogate import SURROGATES, make
+from trainer.errors import UserError
+from trainer.surrogate import SURROGATES
 
 
 @pytest.mark.parametrize(
@@ -15,7 +16,7 @@ def test_fused_equals_reference_loop(reset, detach, surrogate):
     torch.manual_seed(0)
     x = torch.randn(7, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(7, 3, 4, 5, dtype=torch.float64)
-    args = (0.3, 0.5, reset, detach, make(surrogate, 1.7))
+    args = (0.3, 0.5, reset, detach, SURROGATES[surrogate](1.7))
     ref = lif_loop(x, *args)
     (ref_grad,) = torch.autograd.grad(ref, x, grad_out)
     fused = LIFFunction.apply(x, *args, False)
@@ -36,7 +37,7 @@ def test_eager_loops_round_exactly_as_the_loops_torch_compile_traces(reset, deta
     x, grad = torch.randn(6, 4, 8, 5, 5), torch.randn(6, 4, 8, 5, 5)
     args = (0.3, 0.5, reset == "hard")
     assert torch.equal(neuron._forward_eager(x, *args), neuron._forward_loop(x, *args))
-    more = (detach, make(surrogate, 1.7))
+    more = (detach, SURROGATES[surrogate](1.7))
     assert torch.equal(neuron._backward_eager(grad, x, *args, *more), neuron._backward_loop(grad, x, *args, *more))
 
 
@@ -70,7 +71,7 @@ def test_dynamics_by_hand():
 def test_surrogate_integrates_to_one_and_peaks_at_threshold(surrogate, alpha):
     """Each surrogate is the derivative of a smooth step from 0 to 1."""
     xs = torch.linspace(-200, 200, 2_000_001, dtype=torch.float64)
-    g = make(surrogate, alpha).grad(xs)
+    g = SURROGATES[surrogate](alpha).grad(xs)
     area = torch.trapezoid(g, xs).item()
     assert area == pytest.approx(1.0, abs=6e-3)  # atan's 1/x^2 tails leave ~4e-3 outside +-200
     assert g.argmax().item() in range(len(xs) // 2 - 20, len(xs) // 2 + 20) or surrogate == "rectangle"
@@ -130,6 +131,12 @@ def test_sampled_thresholds_and_alphas_do_not_recompile(monkeypatch):
 
 
 def test_an_unknown_surrogate_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"unknown surrogate 'relu' \(allowed: atan, sigmoid, rectangle, triangle\)"):
+    with pytest.raises(UserError, match=r"unknown surrogate 'relu' \(allowed: atan, sigmoid, rectangle, triangle\)"):
         LIF(surrogate="relu")
     assert repr(LIF(surrogate="triangle", alpha=2.0).surrogate) == "triangle(alpha=2.0)"
+
+
+def test_a_lif_compiles_like_any_module():
+    """``compile=True`` fuses its time loops; the attribute must not shadow ``nn.Module.compile``."""
+    lif = LIF(compile=True)
+    assert lif.compiled is True and callable(lif.compile)

@@ -417,17 +417,23 @@ def test_a_study_never_mixes_setups(tmp_path, capsys):
     assert trials(url, "tiny_t3")[0].user_attrs["config"]["data"]["timesteps"] == 3
 
 
-def test_a_study_from_before_identities_is_checked_against_its_trials(tmp_path, capsys):
+def test_a_study_whose_identity_has_another_schema_is_another_study_in_one_line(tmp_path, capsys):
+    import json
     import sqlite3
 
     url = f"sqlite:///{tmp_path}/tiny.db"
     space = str(space_file(tmp_path))
     assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "1"]) == 0
-    with sqlite3.connect(tmp_path / "tiny.db") as db:  # as an older version left it
-        db.execute("DELETE FROM study_user_attributes WHERE key = 'identity'")
+    with sqlite3.connect(tmp_path / "tiny.db") as db:  # as an earlier version would have left it
+        (raw,) = db.execute("SELECT value_json FROM study_user_attributes WHERE key = 'identity'").fetchone()
+        assert json.loads(raw)["schema"] == 1
+        db.execute("UPDATE study_user_attributes SET value_json = ? WHERE key = 'identity'",
+                   (json.dumps({k: v for k, v in json.loads(raw).items() if k != "schema"}),))
     capsys.readouterr()
-    assert run_cli.main(["--space", space, "--storage", url, "--set", "model.width=8"]) == 2
-    assert "created with base.model.width=4, this run has 8" in capsys.readouterr().err
+    assert run_cli.main(["--space", space, "--storage", url, "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "created by an earlier version of this project (identity schema 0" in err
+    assert "--study-name NAME" in err and len(trials(url)) == 1
 
 
 def test_a_config_key_added_after_a_study_was_created_compares_at_its_default(tmp_path, capsys):

@@ -194,11 +194,12 @@ def test_launch_forks_one_pinned_worker_per_device_and_returns_the_worst_code(mo
     assert [make_parser().parse_args(p.args[1]).worker_index for p in context.procs] == [0, 1]
 
 
-def test_a_worker_killed_by_a_signal_is_a_failure_named_in_one_line(monkeypatch, capsys):
+def test_a_worker_killed_by_a_signal_is_a_failure_named_in_one_line(monkeypatch, caplog):
     fake_context(monkeypatch, [0, -9])
     args = make_parser().parse_args(["--space", "s.yaml", "--workers", "2"])
     assert workers.launch(run_main, args, ["cpu", "cpu"]) == 137  # as a shell says it (128 + SIGKILL)
-    assert capsys.readouterr().err == "worker 1 (pid 1001) was killed by SIGKILL\n"
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.levelname == "WARNING"] == [
+        ("snn.search.workers", "WARNING", "worker 1 (pid 1001) was killed by SIGKILL")]
 
 
 def stand_in_main(argv: list[str]) -> int:

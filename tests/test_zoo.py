@@ -105,6 +105,9 @@ class Broken(nn.Module):
 
 def forward_raises(num_classes, in_channels):
     return Broken()
+
+def channels(num_classes, channels):
+    return Broken()
 '''
 
 
@@ -116,6 +119,13 @@ def forward_raises(num_classes, in_channels):
     ("bad_models:forward_raises", "bad_models:forward_raises failed on a [T=3, B=2, 1, 8, 8] input (RuntimeError"),
     ("bad_models:wrong_output", "bad_models:wrong_output returned (6, 7, 6, 6) for a [T=3, B=2, ...] input; a model "
                                 "returns logits [B, classes] or [T, B, classes] (classes = 10)"),
+    # the errors that name their fix: the builder contract, SpikingJelly's zoo through its adapter
+    ("bad_models:channels", "unexpected keyword argument 'in_channels'\"; a builder is called as builder("
+                            "num_classes=..., in_channels=..., **model.kwargs) and returns a module taking "
+                            "[T, B, C, H, W] (see docs/how-to/bring-your-own-model.md)"),
+    ("spikingjelly.activation_based.model.sew_resnet:sew_resnet18",
+     "SpikingJelly's builders need a neuron and multi-step mode: use model.arch=trainer.zoo:spikingjelly with "
+     "model.kwargs={model: sew_resnet18}"),
 ])
 def test_a_model_that_cannot_work_is_one_line_before_anything_trains(tmp_path, monkeypatch, capsys, arch, fragment):
     from trainer.__main__ import main

@@ -45,17 +45,21 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    name: DataName = "digits"
-    root: str = "data"
-    download: bool = False
-    timesteps: int = Field(4, ge=1)
-    encoding: Literal["direct", "poisson"] = "direct"
-    batch_size: int = Field(64, ge=1)
-    num_workers: int | None = Field(None, ge=0)  # DataLoader sets (ImageNet, DVS); None: min(8, cores)
-    val_fraction: float = Field(0.2, ge=0, lt=1)  # 0: train on all of it (final retraining)
-    image_size: int = Field(224, ge=8)
-    cutout: int = Field(0, ge=0)  # side of a zeroed square per training image (CIFAR); 0: off
-    limit: int | None = Field(None, ge=1)
+    name: DataName = Field("digits", description="data set")
+    root: str = Field("data", description="folder the data sets are read from (and downloaded into)")
+    download: bool = Field(False,
+        description="download the data set into `root` (MNIST, CIFAR-10/100, CIFAR10-DVS)")
+    timesteps: int = Field(4, ge=1, description="timesteps T")
+    encoding: Literal["direct", "poisson"] = Field("direct",
+        description="direct: the image at every timestep; poisson: spikes drawn with the pixel value as "
+                    "probability")
+    batch_size: int = Field(64, ge=1, description="samples per training step")
+    num_workers: int | None = Field(None, ge=0,
+        description="DataLoader sets (ImageNet, DVS); None: min(8, cores)")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="0: train on all of it (final retraining)")
+    image_size: int = Field(224, ge=8, description="ImageNet crop, DVS frame side")
+    cutout: int = Field(0, ge=0, description="side of a zeroed square per training image (CIFAR); 0: off")
+    limit: int | None = Field(None, ge=1, description="samples per split (null: all)")
 
 
 def _arch(value: Any) -> str:
@@ -66,12 +70,18 @@ def _arch(value: Any) -> str:
 
 
 class ModelConfig(Section):
-    arch: Annotated[str, PlainValidator(_arch)] = "resnet20"
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # passed to the builder (an import path's, or ours)
-    neurons: list[Annotated[str, Field(pattern=IMPORT_PATH.pattern)]] = Field(default_factory=list)
-    width: int | None = Field(None, ge=1)  # the built-in architectures'
-    stem: StemName = "auto"  # the built-in ResNets'
-    compile: Literal["auto", "always", "never"] = "auto"  # the whole training step; auto: on CUDA
+    arch: Annotated[str, PlainValidator(_arch)] = Field("resnet20",
+        description="a registered architecture (spiking ResNets, VGG-11/16) or an import path "
+                    "`package.module:builder` (see Bring your own model)")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+        description="passed to the builder (an import path's, or ours)")
+    neurons: list[Annotated[str, Field(pattern=IMPORT_PATH.pattern)]] = Field(default_factory=list,
+        description="import paths of your own spiking neuron classes, which the diagnostics hook besides "
+                    "ours and SpikingJelly's")
+    width: int | None = Field(None, ge=1, description="the built-in architectures'")
+    stem: StemName = Field("auto", description="the built-in ResNets'")
+    compile: Literal["auto", "always", "never"] = Field("auto",
+        description="the whole training step; auto: on CUDA")
 
     def build(self, num_classes: int, in_channels: int, neuron: NeuronFactory) -> nn.Module:
         """The backbone (no heads) as configured: a registered architecture with our LIF neurons, or what the
@@ -86,14 +96,17 @@ class ModelConfig(Section):
 
 
 class NeuronConfig(Section):
-    decay: float = Field(0.25, ge=0, le=1)
-    threshold: float = Field(0.5, gt=0)
-    reset: Reset = "hard"
-    detach_reset: bool = False
-    surrogate: SurrogateName = "rectangle"
-    alpha: float = Field(1.0, gt=0)
-    backend: Literal["fused", "loop"] = "fused"
-    compile: Literal["auto", "always", "never"] = "auto"
+    decay: float = Field(0.25, ge=0, le=1, description="membrane decay per timestep (= 1 - 1/tau)")
+    threshold: float = Field(0.5, gt=0, description="firing threshold")
+    reset: Reset = Field("hard", description="hard: to 0; soft: minus the threshold")
+    detach_reset: bool = Field(False, description="no gradient through the reset")
+    surrogate: SurrogateName = Field("rectangle", description="surrogate gradient (trainer/surrogate.py)")
+    alpha: float = Field(1.0, gt=0, description="surrogate sharpness (rectangle: width 1/alpha)")
+    backend: Literal["fused", "loop"] = Field("fused",
+        description="fused: one autograd function with a hand-written backward through time; loop: the "
+                    "plain per-timestep reference")
+    compile: Literal["auto", "always", "never"] = Field("auto",
+        description="torch.compile the LIF loops; auto: on CUDA only")
 
     def factory(self, cuda: bool) -> NeuronFactory:
         """LIF layers as configured; ``compile: auto`` compiles the fused path on CUDA only."""
@@ -103,47 +116,58 @@ class NeuronConfig(Section):
 
 
 class HeadsConfig(Section):
-    exits: list[str] = Field(default_factory=list)
-    hidden: int = Field(0, ge=0)
-    tokens: Literal["nd", "dn"] = "nd"  # 4-D [T, B, a, b] exits: [T, B, N, D] (timm) or [T, B, D, N] (Spikformer)
+    exits: list[str] = Field(default_factory=list,
+        description="modules (names from `named_modules()`) that carry a head, e.g. [layer1.0, layer2.1]; "
+                    "`default`: the architecture's stage ends; list them with `snn-train --list-exits`")
+    hidden: int = Field(0, ge=0,
+        description="0: global pool + linear; > 0: a 1x1 conv + BN + LIF of this many channels first")
+    tokens: Literal["nd", "dn"] = Field("nd",
+        description="4-D [T, B, a, b] exits: [T, B, N, D] (timm) or [T, B, D, N] (Spikformer)")
 
 
 class LambdaConfig(Section):
-    schedule: ScheduleName = "cosine"
-    start: float = Field(1.0, ge=0, le=1)
-    end: float = Field(0.0, ge=0, le=1)
-    fraction: float = Field(1.0, ge=0, le=1)
-    rate: float = Field(5.0, gt=0)
-    steps: int = Field(3, ge=1)
-    table: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list)  # schedule table's knots
+    schedule: ScheduleName = Field("cosine", description="the curve from start to end")
+    start: float = Field(1.0, ge=0, le=1, description="lambda at the first epoch")
+    end: float = Field(0.0, ge=0, le=1, description="lambda once the decay is over")
+    fraction: float = Field(1.0, ge=0, le=1,
+        description="share of training over which lambda moves from start to end")
+    rate: float = Field(5.0, gt=0, description="rate of the exponential schedule")
+    steps: int = Field(3, ge=1, description="steps of the step schedule")
+    table: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list,
+        description="schedule table's knots")
 
 
 class OptimConfig(Section):
-    name: OptimizerName = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    epochs: int = Field(20, ge=1)
-    amp: bool = True
+    name: OptimizerName = Field("sgd", description="optimizer")
+    lr: float = Field(0.1, gt=0, description="learning rate (cosine schedule over the epochs)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(1e-4, ge=0, description="decoupled (AdamW) or L2 (SGD) weight decay")
+    epochs: int = Field(20, ge=1, description="training epochs")
+    amp: bool = Field(True, description="bf16 autocast on CUDA")
 
 
 class RunConfig(Section):
-    seed: int = 0
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto, cpu, cuda, cuda:N
-    out_dir: str | None = None
-    resume: bool = False
-    grad_stats: bool = True
+    seed: int = Field(0, description="of the weights, the data order and every draw of training")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
+    out_dir: str | None = Field(None, description="folder for model.pt and last.pt (null: write none)")
+    resume: bool = Field(False, description="continue from out_dir/last.pt")
+    grad_stats: bool = Field(True, description="per-epoch gradient and firing-rate diagnostics")
 
 
 class Config(Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    neuron: NeuronConfig = Field(default_factory=NeuronConfig)
-    heads: HeadsConfig = Field(default_factory=HeadsConfig)
-    lambda_: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda")
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    provenance: dict[str, Any] | None = None  # where an exported config came from; not used for training
+    data: DataConfig = Field(default_factory=DataConfig, description="data set, encoding and batches")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the spiking network")
+    neuron: NeuronConfig = Field(default_factory=NeuronConfig,
+        description="the LIF neuron and its surrogate gradient")
+    heads: HeadsConfig = Field(default_factory=HeadsConfig, description="shortcut heads")
+    lambda_: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda",
+        description="the balance coefficient lambda over the epochs")
+    optim: OptimConfig = Field(default_factory=OptimConfig,
+        description="optimizer, learning rate, epochs, mixed precision")
+    run: RunConfig = Field(default_factory=RunConfig,
+        description="seed, device, output folder, resume, diagnostics")
+    provenance: dict[str, Any] | None = Field(None,
+        description="where an exported config came from; not used for training")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from trainer.errors import UserError
 from trainer.files import atomic_write
+from trainer.logs import logger
 from trainer.registry import Registry
+from trainer.seeds import derive
 
 if TYPE_CHECKING:  # the config reads its data set names from DATASETS
     from trainer.config import DataConfig
@@ -67,8 +69,8 @@ class DataBundle:
 
     def start_epoch(self, epoch: int) -> None:
         """Seed this epoch's draws from (seed, epoch) alone, so a resumed run sees the same batches."""
-        self.shuffle.manual_seed(hash((self.seed, epoch)))
-        self.workers.manual_seed(hash((self.seed, epoch, 1)))  # ints only: str hashes differ per process
+        self.shuffle.manual_seed(derive(self.seed, epoch))
+        self.workers.manual_seed(derive(self.seed, epoch, 1))
 
 
 class Shape(NamedTuple):
@@ -334,12 +336,12 @@ def _dvs_frames(cfg: DataConfig, size: int) -> tuple[Tensor, Tensor]:
         blob = torch.load(path, weights_only=True)
         return blob["x"], blob["y"]
     ds = tonic.datasets.CIFAR10DVS(cfg.root, transform=_Frames(cfg.timesteps, size))
-    print(f"binning {len(ds)} CIFAR10-DVS recordings into {cfg.timesteps} frames, once -> {path}", flush=True)
+    logger(__name__).info(f"binning {len(ds)} CIFAR10-DVS recordings into {cfg.timesteps} frames, once -> {path}")
     batches = list(DataLoader(ds, batch_size=64, num_workers=_workers(cfg)))
     x, y = torch.cat([b[0] for b in batches]), torch.cat([torch.as_tensor(b[1]) for b in batches])
-    tmp = path.with_suffix(".tmp")
-    torch.save({"x": x, "y": y}, tmp)
-    tmp.replace(path)  # a run killed while binning leaves no half-written cache
+    buffer = io.BytesIO()
+    torch.save({"x": x, "y": y}, buffer)
+    atomic_write(path, buffer.getbuffer())  # a run killed while binning leaves no half-written cache
     return x, y
 
 

@@ -10,6 +10,7 @@ import sys
 import torch
 from torch import nn
 
+from trainer.compat import foreach_norm
 from trainer.neuron import LIF
 
 
@@ -45,8 +46,8 @@ class GradStats:
         """Two multi-tensor norms over all layers (a few kernels, not a few per layer): the mean of |g|
         is its L1 norm / n, the variance of |g| is its squared L2 norm / n minus the mean squared."""
         grads = [w.grad.detach() if w.grad is not None else torch.zeros_like(w) for _, w in self.layers]
-        mean = torch.stack(torch._foreach_norm(grads, 1)).float() / self.numel
-        var = (torch.stack(torch._foreach_norm(grads, 2)).float() ** 2 / self.numel - mean**2).clamp(min=0)
+        mean = torch.stack(foreach_norm(grads, 1)).float() / self.numel
+        var = (torch.stack(foreach_norm(grads, 2)).float() ** 2 / self.numel - mean**2).clamp(min=0)
         stats = torch.stack([mean, var], dim=1)
         self.total = stats if self.total is None else self.total + stats
         self.steps += 1

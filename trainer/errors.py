@@ -1,4 +1,11 @@
-"""The one error contract of every command: bad input is a ``UserError``, printed as one line, exit 2.
+"""The project's exceptions and the one error contract of every command: bad input is a ``UserError``,
+printed as one line, exit 2.
+
+Every exception the project raises derives from ``SNNError`` (Optuna's ``OptunaError`` is the model), so
+``except SNNError`` takes them all and nothing else: ``UserError`` (bad input), ``WriteError`` (a file that
+cannot be written), ``DivergedError`` (a loss that is no number). The one exception is
+``trainer.stop.Stopped``, a ``KeyboardInterrupt`` on purpose: no ``except Exception`` may take a stop
+signal for a failed trial.
 
 Each command's ``main`` is wrapped in ``command``, which catches ``UserError`` once; anything else is a
 bug and keeps its traceback. ``Parser`` is argparse with the same contract for bad flags (one line, no
@@ -15,7 +22,11 @@ from collections.abc import Callable
 from typing import NoReturn
 
 
-class UserError(ValueError):
+class SNNError(Exception):
+    """The root of the project's exceptions."""
+
+
+class UserError(SNNError):
     """Bad input (a file, key, value, flag or missing resource); the message is one line naming it."""
 
 
@@ -44,10 +55,14 @@ Main = Callable[..., int]
 
 
 def command(main: Main) -> Main:
-    """``main(argv)`` that prints a ``UserError`` as ``error: <message>`` on stderr and returns 2."""
+    """``main(argv)`` that shows the library's messages (``trainer.logs``) and prints a ``UserError`` as
+    ``error: <message>`` on stderr and returns 2."""
 
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
+        from trainer.logs import show
+
+        show()  # the library's messages are the command's output
         try:
             return main(*args, **kwargs)
         except UserError as err:

@@ -6,8 +6,10 @@ import contextlib
 import os
 from pathlib import Path
 
+from trainer.errors import SNNError
 
-class WriteError(OSError):
+
+class WriteError(SNNError, OSError):
     """A file that could not be written (a full disk, a read-only folder); names the file, keeps the errno."""
 
 

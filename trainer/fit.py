@@ -22,22 +22,23 @@ from trainer.config import Config
 from trainer.data import Batches, DataBundle, encode, input_shape, load_data
 from trainer.diagnostics import FiringRates, GradFlow, GradStats
 from trainer.energy import SynapticOps
-from trainer.errors import UserError
+from trainer.errors import SNNError, UserError
 from trainer.heads import ShortcutNet
 from trainer.models import logits
 from trainer.optim import OPTIMIZERS
-from trainer.probe import build_backbone, check_exits, reset_states, run_probe, stateful
+from trainer.probe import build_backbone, check_exits
+from trainer.taps import reset_states, run_probe, stateful
 from trainer.schedule import balance, shortcut_parts
 
 
 SPLIT_STEPS = 8  # first-epoch steps whose LIF-input gradients are also measured per part of the loss
 
 
-class DeviceError(UserError, RuntimeError):
+class DeviceError(UserError):
     """``run.device`` names a GPU this machine does not have."""
 
 
-class DivergedError(RuntimeError):
+class DivergedError(SNNError):
     """The training loss became NaN or infinite."""
 
 
@@ -141,7 +142,9 @@ def step_loss(net: ShortcutNet, inputs: Tensor, y: Tensor, lam: Tensor, heads: b
 # contiguous input; where the weight's layout is ambiguous (1x1, as a ResNet's stride-2 shortcut) it read the
 # input as channels-last and got that weight's gradient wrong (17x in norm; torch 2.14.1, AMD EPYC, AVX2).
 # The CPU's convolutions are left in the layout the eager step uses. CUDA keeps inductor's default.
-INDUCTOR_OPTIONS: dict[str, dict[str, Any]] = {"cpu": {"layout_optimization": False}}
+def inductor_options(device_type: str) -> dict[str, Any] | None:
+    """Inductor's options for a device type: the CPU's without layout optimisation (see above)."""
+    return {"layout_optimization": False} if device_type == "cpu" else None
 
 
 @cache
@@ -151,7 +154,7 @@ def compiled_step(device_type: str) -> Callable:
     and inductor's own cache (``TORCHINDUCTOR_CACHE_DIR``, by default ``/tmp/torchinductor_<user>``) starts
     later processes warm. Static shapes: a ragged last batch compiles once more, and inductor's dynamic-shape
     path, which failed on this step (``cannot determine truth value of Relational``), is never taken."""
-    return torch.compile(step_loss, dynamic=False, options=INDUCTOR_OPTIONS.get(device_type))
+    return torch.compile(step_loss, dynamic=False, options=inductor_options(device_type))
 
 
 def compiles(cfg: Config, device: torch.device) -> bool:

@@ -29,8 +29,9 @@ from trainer.config import Config
 from trainer.data import encode
 from trainer.diagnostics import GradFlow, spiking
 from trainer.errors import UserError
-from trainer.neuron import LIF, _steps
-from trainer.probe import default_exits, exits_of, reset_states
+from trainer.neuron import LIF
+from trainer.probe import default_exits, exits_of
+from trainer.taps import reset_states
 from trainer.schedule import balance
 
 EXPLODES, VANISHES = 10.0, 0.1  # the first spiking layer's |dL/dx| over the last one's, without heads
@@ -116,8 +117,7 @@ class Gains:
     def _ours(self, name: str):
         def hook(m: LIF, args: tuple) -> None:
             with torch.no_grad():
-                _, charges = _steps(args[0].detach(), m.decay, m.threshold, m.reset == "hard")
-                self._add(name, m.surrogate.grad(torch.stack(charges) - m.threshold))
+                self._add(name, m.surrogate.grad(m.charges(args[0].detach()) - m.threshold))
         return hook
 
     def _theirs(self, name: str):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from trainer.data import Shape
 from trainer.models import NeuronFactory, logits, time_distributed
-from trainer.probe import Tap, run_probe, select
+from trainer.taps import Tap, pick, run_probe
 
 
 class ShortcutHead(nn.Module):
@@ -65,7 +65,7 @@ class ShortcutNet(nn.Module):
     def attach(cls, backbone: nn.Module, exits: list[str], shape: Shape, neuron: NeuronFactory, hidden: int = 0,
                arch: str = "model") -> ShortcutNet:
         """Heads at ``exits`` of ``backbone``, found by a dry run on inputs of ``shape``."""
-        taps = select(run_probe(backbone, shape, arch), exits, arch, hidden)
+        taps = pick(run_probe(backbone, shape, arch), exits, arch, hidden)
         return cls(backbone, taps, shape.classes, neuron, hidden)
 
     def _tap(self, name: str):

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from trainer.surrogate import Name, Surrogate, make
+from trainer.surrogate import SURROGATES, Name, Surrogate
 
 Reset = Literal["hard", "soft"]
 
@@ -198,14 +198,19 @@ class LIF(nn.Module):
     ) -> None:
         super().__init__()
         self.decay, self.threshold, self.reset = decay, threshold, reset
-        self.detach_reset, self.surrogate = detach_reset, make(surrogate, alpha)
-        self.backend, self.compile = backend, compile
+        self.detach_reset, self.surrogate = detach_reset, SURROGATES[surrogate](alpha)
+        self.backend, self.compiled = backend, compile  # not ``self.compile``: nn.Module.compile is a method
 
     def forward(self, x: Tensor) -> Tensor:
         args = (self.decay, self.threshold, self.reset, self.detach_reset, self.surrogate)
         if self.backend == "loop":
             return lif_loop(x, *args)
-        return LIFFunction.apply(x, *args, self.compile)
+        return LIFFunction.apply(x, *args, self.compiled)
+
+    def charges(self, x: Tensor) -> Tensor:
+        """The membrane charge h before each firing, [T, ...], without autograd: where the surrogate's
+        derivative is read (``trainer.gradients``)."""
+        return torch.stack(_steps(x, self.decay, self.threshold, self.reset == "hard")[1])
 
     def extra_repr(self) -> str:
         return (

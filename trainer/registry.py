@@ -1,12 +1,14 @@
-"""Name -> factory registries (timm's ``register_model`` shape): the config's allowed names are read from
-them, so adding an entry is one decorated function and nothing else."""
+"""Name -> thing registries (timm's ``register_model`` shape), for every table of names in the project: data
+sets, architectures, optimizers, surrogates, lambda schedules, samplers, pruners, metrics, artifact stores
+and commands. The config's and the space's allowed names, their errors and the generated docs are read from
+them, so adding an entry is one registered object and nothing else."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Generic, Literal, TypeVar
 
-from trainer.errors import UserError
+from trainer.errors import UserError, quote
 
 T = TypeVar("T")
 
@@ -33,11 +35,15 @@ class Registry(Generic[T]):
 
         return add
 
+    def unknown(self, name: object) -> str:
+        """The one message for a name that is not registered: what was asked for, and what there is."""
+        return f"unknown {self.kind} {quote(name)} (allowed: {', '.join(self._entries)})"
+
     def __getitem__(self, name: str) -> T:
         try:
             return self._entries[name]
         except KeyError:
-            raise UserError(f"unknown {self.kind} {name!r} (allowed: {', '.join(self._entries)})") from None
+            raise UserError(self.unknown(name)) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -47,6 +53,9 @@ class Registry(Generic[T]):
 
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        return iter(self._entries.items())
 
     def literal(self) -> object:
         """``Literal[...]`` of the registered names, for a pydantic field's allowed values."""

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.registry import Registry
+
 if TYPE_CHECKING:  # the config reads its schedule names from SCHEDULES
     from trainer.config import LambdaConfig
 
@@ -61,14 +63,13 @@ def _table(p: float, cfg: LambdaConfig) -> float:
     return knots[i] + (knots[i + 1] - knots[i]) * (x - i)
 
 
-SCHEDULES: dict[str, Schedule] = {
-    "constant": _curve(lambda p, cfg: 0.0),
-    "linear": _curve(lambda p, cfg: p),
-    "cosine": _curve(lambda p, cfg: (1 - math.cos(math.pi * p)) / 2),
-    "exponential": _curve(lambda p, cfg: (1 - math.exp(-cfg.rate * p)) / (1 - math.exp(-cfg.rate))),
-    "step": _curve(lambda p, cfg: math.floor(p * cfg.steps) / cfg.steps),
-    "table": _table,
-}
+SCHEDULES: Registry[Schedule] = Registry("lambda schedule")
+SCHEDULES.register("constant")(_curve(lambda p, cfg: 0.0))
+SCHEDULES.register("linear")(_curve(lambda p, cfg: p))
+SCHEDULES.register("cosine")(_curve(lambda p, cfg: (1 - math.cos(math.pi * p)) / 2))
+SCHEDULES.register("exponential")(_curve(lambda p, cfg: (1 - math.exp(-cfg.rate * p)) / (1 - math.exp(-cfg.rate))))
+SCHEDULES.register("step")(_curve(lambda p, cfg: math.floor(p * cfg.steps) / cfg.steps))
+SCHEDULES.register("table")(_table)
 
 
 def balance(cfg: LambdaConfig, epoch: int, epochs: int) -> float:

@@ -2,16 +2,19 @@
 backward pass of a spiking neuron.
 
 One object per surrogate, owning its sharpness ``alpha``; each is the derivative of a smooth step from 0
-to 1 centred on the threshold, so it integrates to one. ``SURROGATES`` maps the config's names to them.
+to 1 centred on the threshold, so it integrates to one. ``SURROGATES`` registers them under the config's
+names (``neuron.surrogate``): a new one is a registered subclass of ``Surrogate``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from trainer.registry import Registry
 
 
 class Surrogate:
@@ -30,6 +33,10 @@ class Surrogate:
         return f"{self.name}(alpha={self.alpha})"
 
 
+SURROGATES: Registry[type[Surrogate]] = Registry("surrogate")
+
+
+@SURROGATES.register("atan")
 class ATan(Surrogate):
     """Derivative of 1/2 + arctan(pi/2 alpha x) / pi: peak alpha/2, heavy tails."""
 
@@ -39,6 +46,7 @@ class ATan(Surrogate):
         return (x * (math.pi / 2 * self.alpha)).square_().add_(1).reciprocal_().mul_(self.alpha / 2)
 
 
+@SURROGATES.register("sigmoid")
 class Sigmoid(Surrogate):
     """Derivative of sigmoid(alpha x): peak alpha/4."""
 
@@ -49,6 +57,7 @@ class Sigmoid(Surrogate):
         return sg.addcmul_(sg, sg, value=-1).mul_(self.alpha)  # sg (1 - sg) alpha
 
 
+@SURROGATES.register("rectangle")
 class Rectangle(Surrogate):
     """alpha on |x| < 1 / (2 alpha), 0 elsewhere (the straight-through box)."""
 
@@ -60,6 +69,7 @@ class Rectangle(Surrogate):
         return out.mul_(self.alpha)
 
 
+@SURROGATES.register("triangle")
 class Triangle(Surrogate):
     """alpha - alpha^2 |x|, clipped at 0: peak alpha, support |x| < 1 / alpha."""
 
@@ -69,11 +79,4 @@ class Triangle(Surrogate):
         return x.abs().mul_(-self.alpha * self.alpha).add_(self.alpha).clamp_(min=0)
 
 
-SURROGATES: dict[str, type[Surrogate]] = {cls.name: cls for cls in (ATan, Sigmoid, Rectangle, Triangle)}
-Name = Literal[tuple(SURROGATES)]  # the config's choices
-
-
-def make(name: str, alpha: float) -> Surrogate:
-    if name not in SURROGATES:
-        raise ValueError(f"unknown surrogate {name!r} (allowed: {', '.join(SURROGATES)})")
-    return SURROGATES[name](alpha)
+Name = SURROGATES.literal()  # the config's choices
