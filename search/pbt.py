@@ -1,4 +1,4 @@
-"""Population-based training (``study.sampler: pbt``, on Ray): the lambda schedule found while training.
+"""Population-based training (``study.scheduler: pbt``, on Ray): the lambda schedule found while training.
 
 ``study.population`` members train at once, each an Optuna trial of the study. Every
 ``study.perturbation_interval`` epochs Ray Tune's ``PopulationBasedTraining`` has the worst quarter copy
@@ -27,48 +27,52 @@ import optuna
 from optuna.trial import TrialState
 
 from search import compat
-from search.samplers import POPULATION
 from search.space import Categorical, Float, Int, Param, Space, SpaceError, suggest
 from search.trial import LINEAGE_FILE, trial_dir
 from trainer.files import atomic_write
 from trainer.logs import logger
+from trainer.seeds import derive
 
 log = logger(__name__)
+POPULATION_STREAM = 1 << 20  # the seed stream of a population's decisions (the workers' are 0, 1, 2, ...)
 MUTABLE = ("lambda.start", "optim.lr", "optim.weight_decay", "optim.momentum")
 
 
 def check(space: Space) -> None:
     """Refuse a PBT space that searches what cannot change mid-training, in one line naming the keys."""
-    sampler = space.study.sampler
-    if sampler not in POPULATION:
+    kind = space.study.scheduler
+    if kind is None:
         return
-    kinds = Float | Int if sampler == "pb2" else Float | Int | Categorical  # PB2 models numbers in ranges
+    kinds = Float | Int if kind == "pb2" else Float | Int | Categorical  # PB2 models numbers in ranges
     fixed = [p.key for p in space.params if p.key not in MUTABLE or p.when or not isinstance(p, kinds)]
     if fixed:
-        raise SpaceError(f"{space.path}: 'space': study.sampler {sampler} changes values mid-training, and "
+        raise SpaceError(f"{space.path}: 'space': study.scheduler {kind} changes values mid-training, and "
                          f"{', '.join(fixed)} would change the network or cannot be perturbed (allowed: "
-                         f"{', '.join(MUTABLE)}, {'float or int' if sampler == 'pb2' else 'any type'}, without "
-                         f"'when'; search the others with tpe)")
+                         f"{', '.join(MUTABLE)}, {'float or int' if kind == 'pb2' else 'any type'}, without "
+                         f"'when'; search the others without a scheduler)")
 
 
 class Resample:
-    """A numeric parameter drawn again (PBT's resampling; a class, so Tune can pickle it)."""
+    """A numeric parameter drawn again (PBT's resampling; a class, so Tune can pickle it), from a generator
+    of its own seeded from ``study.seed``: two runs with one seed draw the same values."""
 
-    def __init__(self, low: float, high: float, log: bool, integer: bool) -> None:
+    def __init__(self, low: float, high: float, log: bool, integer: bool, seed: int | None = None) -> None:
         self.low, self.high, self.log, self.integer = low, high, log, integer
+        self.draw = random.Random(seed)
 
     def __call__(self) -> float | int:
         if self.log:
-            value = math.exp(random.uniform(math.log(self.low), math.log(self.high)))
+            value = math.exp(self.draw.uniform(math.log(self.low), math.log(self.high)))
         else:
-            value = random.uniform(self.low, self.high)
+            value = self.draw.uniform(self.low, self.high)
         return round(value) if self.integer else value
 
 
-def mutations(params: list[Param]) -> dict[str, Any]:
+def mutations(params: list[Param], seed: int | None = None) -> dict[str, Any]:
     """PBT's ``hyperparam_mutations``: choices shift to a neighbour, numbers are scaled or drawn again."""
-    return {"values": {p.key: list(p.choices) if isinstance(p, Categorical)
-                       else Resample(p.low, p.high, p.log, isinstance(p, Int)) for p in params}}
+    return {"values": {p.key: list(p.choices) if isinstance(p, Categorical) else
+                       Resample(p.low, p.high, p.log, isinstance(p, Int), None if seed is None else derive(seed, i))
+                       for i, p in enumerate(params)}}
 
 
 class Clip:
@@ -90,7 +94,13 @@ class Clip:
 
 def scheduler(space: Space) -> Any:
     """Synchronous PBT (or PB2): at each perturbation the members wait for each other, so which member
-    copies which does not depend on who reported first."""
+    copies which does not depend on who reported first. Ray Tune's PBT decides from Python's global
+    ``random`` (which member to copy, perturb or draw again, by which factor), so with ``study.seed`` that
+    generator is seeded here, in the driver, and the resampled values come from seeded generators of their
+    own: two runs with one seed perturb alike, given the same results."""
+    seed = space.study.seed
+    if seed is not None:
+        random.seed(derive(seed, POPULATION_STREAM))
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.schedulers.pb2 import PB2
 
@@ -119,14 +129,14 @@ def scheduler(space: Space) -> Any:
 
         return Synchronous
 
-    if space.study.sampler == "pb2":  # PBT whose new values come from a Gaussian-process bandit
+    if space.study.scheduler == "pb2":  # PBT whose new values come from a Gaussian-process bandit
         return synchronous(PB2)(time_attr="epochs_run", perturbation_interval=space.study.perturbation_interval,
                                 hyperparam_bounds={"values": {p.key: [p.low, p.high] for p in space.params}},
                                 custom_explore_fn=Clip(space.params), quantile_fraction=0.25, synch=True)
     # epochs, not Tune's count of results: a member a new driver resumes after epoch 3 is at epoch 3
     return synchronous(PopulationBasedTraining)(
         time_attr="epochs_run", perturbation_interval=space.study.perturbation_interval,
-        hyperparam_mutations=mutations(space.params), custom_explore_fn=Clip(space.params), quantile_fraction=0.25,
+        hyperparam_mutations=mutations(space.params, seed), custom_explore_fn=Clip(space.params), quantile_fraction=0.25,
         resample_probability=0.25, synch=True)
 
 

@@ -36,7 +36,7 @@ from search.budget import claim_worker, remaining  # noqa: E402
 from search.progress import EpochProgress  # noqa: E402
 from search.pruners import make_scheduler  # noqa: E402
 from search.retry import requeue  # noqa: E402
-from search.samplers import POPULATION, make_sampler  # noqa: E402
+from search.samplers import make_sampler  # noqa: E402
 from search.space import Space  # noqa: E402
 from search.storage import arm_dir, artifact_store, study_dir  # noqa: E402
 from search.study import create_study  # noqa: E402
@@ -99,7 +99,7 @@ def _trainable(space: Space):
             epochs = record.attrs["config"]["optim"]["epochs"]
             if restored and report.epoch + 1 < epochs:  # Tune restored its own count of epochs with the
                 return  # checkpoint; a state that holds every epoch (a PBT copy at the end) reports its last
-            if space.study.sampler in POPULATION:
+            if space.study.scheduler is not None:
                 record.attrs.update(member.attrs(record.history))
                 member.save(directory)
             values = dict(zip(space.study.metrics, record.values))
@@ -299,7 +299,7 @@ def run(space: Space, storage: optuna.storages.BaseStorage, url: str, timeout: f
         max_concurrent: int = 2, root: Path | None = None) -> list[optuna.Study]:
     """Each arm of the search (``Space.arms``) in turn on one Ray (Tune runs one experiment at a time, so
     here the heads arm goes first, and ``timeout`` bounds both together): top its study up to
-    ``study.n_trials`` trials (budget as in ``search/budget.py``), or with ``study.sampler: pbt`` train one
+    ``study.n_trials`` trials (budget as in ``search/budget.py``), or with ``study.scheduler: pbt`` train one
     population."""
     root = root or study_dir(url, space.study.name)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -315,7 +315,7 @@ def run_arm(space: Space, storage: optuna.storages.BaseStorage, url: str, timeou
             cpus_per_trial: float, gpus_per_trial: float, max_concurrent: int, root: Path) -> optuna.Study:
     """One arm of the search on Ray Tune."""
     study = create_study(space, storage, root)
-    s, pbt_run = space.study, space.study.sampler in POPULATION
+    s, pbt_run = space.study, space.study.scheduler is not None
     experiment = (root / "ray" / s.name).resolve()
     # a population's members left RUNNING by a dead driver go on from their own last.pt (Tune's experiment
     # restore may point at a checkpoint it deleted just before the driver died); other trials are queued again
@@ -346,7 +346,7 @@ def run_arm(space: Space, storage: optuna.storages.BaseStorage, url: str, timeou
         param_space["values"] = {k: tune.choice([m["values"][k] for m in members]) for k in members[0]["values"]}
         callbacks = [Members(study, root, artifacts, s.metrics[0])]
         concurrent = None  # PBT compares members as they go: all of them train at once
-        what = (f"a population of {more} on Ray ({s.sampler.upper()} every {s.perturbation_interval} epochs, "
+        what = (f"a population of {more} on Ray ({s.scheduler.upper()} every {s.perturbation_interval} epochs, "
                 f"{', '.join(p.key for p in space.params)})")
     else:
         search_alg, callbacks, param_space = _searcher(space, storage, url, study, root), [], None

@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.samplers import POPULATION
 from search.space import Space, load_space
 from search.storage import artifact_location, artifact_store, default_url, open_storage, study_dir
 from trainer import stop
@@ -25,7 +24,7 @@ def lengths(space: Space) -> str:
     cfg, s = space.config({}), space.study
     pruned = "" if s.pruner == "none" else f", pruned no earlier than epoch {space.min_epochs()}"
     control = space.control()
-    if s.sampler in POPULATION:
+    if s.scheduler is not None:
         arms = f"a population of {s.population}" + ("" if control is None else " with heads, and its control arm")
     elif control is None:
         arms = f"{s.n_trials} trials"
@@ -81,8 +80,8 @@ def check(args: argparse.Namespace) -> Space:
         raise UserError(f"--workers: must be >= 1 (got {args.workers})")
     from search.pbt import check as check_pbt
 
-    if space.study.sampler in POPULATION and args.backend != "ray":
-        raise UserError(f"{args.space}: study.sampler {space.study.sampler} trains a population on Ray Tune: add "
+    if space.study.scheduler is not None and args.backend != "ray":
+        raise UserError(f"{args.space}: study.scheduler {space.study.scheduler} trains a population on Ray Tune: add "
                         f"--backend ray")
 
     check_pbt(space)

@@ -64,10 +64,6 @@ SAMPLERS.register("random")(lambda space, seed: optuna.samplers.RandomSampler(se
 SAMPLERS.register("nsga2")(lambda space, seed: optuna.samplers.NSGAIISampler(
     seed=seed, population_size=population(space.study.n_trials)))
 SAMPLERS.register("grid")(lambda space, seed: Grid(grid(space.params), seed=seed))
-# population-based training (search/pbt.py, Ray): the first population, drawn at random
-SAMPLERS.register("pbt")(lambda space, seed: optuna.samplers.RandomSampler(seed=seed))
-SAMPLERS.register("pb2")(lambda space, seed: optuna.samplers.RandomSampler(seed=seed))  # new values from a GP bandit
-POPULATION = ("pbt", "pb2")  # the samplers above that train one population (Ray only, no pruner)
 
 
 def make_sampler(space: Any, worker: int = 0) -> BaseSampler:

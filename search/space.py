@@ -39,7 +39,7 @@ from pydantic_core import PydanticCustomError
 
 from search.metrics import METRICS
 from search.pruners import PRUNERS
-from search.samplers import POPULATION, SAMPLERS, grid
+from search.samplers import SAMPLERS, grid
 from trainer.config import Config, ConfigError, build, parse_override, read_yaml, set_dotted, with_values
 from trainer.probe import check
 from trainer.errors import UserError, quote
@@ -235,18 +235,24 @@ class Study(_Model):
     recipe: _Text = Field(None,
         description="a trainer config that `snn-search confirm` retrains as published (relative to this "
                     "file)")
+    scheduler: Literal["pbt", "pb2"] | None = Field(
+        None, description="train the trials as one population on Ray (search/pbt.py): pbt, Ray Tune's "
+                          "population-based training; pb2, the same with new values from a Gaussian-process "
+                          "bandit; null: each trial on its own")
     population: Annotated[int, _count(2)] = Field(4,
-        description="sampler pbt, pb2: members trained at once (the study's trials)")
+        description="scheduler pbt, pb2: members trained at once (the study's trials)")
     perturbation_interval: Annotated[int, _count(1)] = Field(2,
-        description="sampler pbt, pb2: epochs between copies")
+        description="scheduler pbt, pb2: epochs between copies")
 
     @model_validator(mode="before")
     @classmethod
-    def _pbt_schedules(cls, data: Any) -> Any:
-        """PBT is its own scheduler: with sampler pbt the pruner defaults to none, and nothing else goes."""
-        if isinstance(data, dict) and data.get("sampler") in POPULATION:
+    def _population(cls, data: Any) -> Any:
+        """A population's scheduler stops no member, so the pruner is none; its first members are drawn at
+        random unless the file says otherwise."""
+        if isinstance(data, dict) and data.get("scheduler") is not None:
+            data.setdefault("sampler", "random")
             if data.setdefault("pruner", "none") != "none":
-                raise _bad("population-based training stops no member (allowed with sampler pbt or pb2: none)",
+                raise _bad("population-based training stops no member (allowed with scheduler pbt or pb2: none)",
                            at="pruner")
         return data
 
@@ -489,7 +495,7 @@ class Space:
         study = self.study.model_copy(update={
             "name": f"{self.study.name}{CONTROL}", "n_trials": (self.study.control or self.study.n_trials) if params else 1,
             "sampler": self.study.sampler if params else "tpe", "pruner": self.study.pruner if params else "none",
-            "control": False, "recipe": None})
+            "scheduler": self.study.scheduler if params else None, "control": False, "recipe": None})
         return Space(self.path, study, with_values(self.base, {"heads.exits": []}), self.final, params)
 
     def values(self, trial: optuna.Trial | optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Population-based training over lambda (``study.sampler: pbt`` on Ray): the space it accepts, the
+"""Population-based training over lambda (``study.scheduler: pbt`` on Ray): the space it accepts, the
 perturbations it makes, and one population end to end: copies happen, the study records them, export
 writes the best member's lambda as a table and the retraining replays it stretched."""
 
@@ -27,7 +27,7 @@ from trainer.checkpoint import load_history
 from conftest import ROOT, communicate
 
 SPACE = """
-study: {{name: pop, seed: 0, sampler: pbt, population: 4, perturbation_interval: 2, control: 0{study}}}
+study: {{name: pop, seed: 0, scheduler: pbt, population: 4, perturbation_interval: 2, control: 0{study}}}
 base:
   data: {{limit: 48, timesteps: 2, batch_size: 16}}
   model: {{width: 4}}
@@ -50,11 +50,11 @@ def space_file(tmp_path, study="", space=LAMBDA):
 
 @pytest.mark.parametrize("space,study,message", [
     ("  heads.exits: {type: subset, choices: [layer1.0, layer2.0]}", "",
-     "study.sampler pbt changes values mid-training, and heads.exits would change the network"),
+     "study.scheduler pbt changes values mid-training, and heads.exits would change the network"),
     ("  data.timesteps: {type: int, low: 2, high: 4}", "", "data.timesteps would change the network"),
     (LAMBDA, ", pruner: hyperband", "'study.pruner': population-based training stops no member"),
-    ("  optim.lr: {type: categorical, choices: [0.01, 0.02]}", ", sampler: pb2",
-     "study.sampler pb2 changes values mid-training, and optim.lr would change the network or cannot be perturbed"),
+    ("  optim.lr: {type: categorical, choices: [0.01, 0.02]}", ", scheduler: pb2",
+     "study.scheduler pb2 changes values mid-training, and optim.lr would change the network or cannot be perturbed"),
 ])
 def test_a_pbt_space_perturbs_only_what_can_change_mid_training(tmp_path, capsys, space, study, message):
     path = space_file(tmp_path, study, space)
@@ -67,7 +67,7 @@ def test_a_pbt_space_perturbs_only_what_can_change_mid_training(tmp_path, capsys
 
 def test_pbt_runs_on_ray_only(tmp_path, capsys):
     assert run_cli.main(["--space", str(space_file(tmp_path)), "--storage", f"sqlite:///{tmp_path}/p.db"]) == 2
-    assert "study.sampler pbt trains a population on Ray Tune: add --backend ray" in capsys.readouterr().err
+    assert "study.scheduler pbt trains a population on Ray Tune: add --backend ray" in capsys.readouterr().err
 
 
 def test_perturbed_values_stay_in_their_range_and_on_their_step(tmp_path):
@@ -121,6 +121,24 @@ def test_a_member_waiting_for_a_sync_that_no_running_member_can_bring_is_run_aga
     assert pbt.choose_trial_to_run(tune) is members[1]
     members[1].set_status(Trial.RUNNING)
     assert pbt.choose_trial_to_run(tune) is None  # while one runs, the usual rule
+
+
+def test_two_runs_with_one_seed_perturb_alike(tmp_path):
+    """The resampled values come from generators seeded by ``study.seed``, and the scheduler seeds the
+    global generator Ray's PBT decides with (whom to copy, perturb or draw again): one seed, one sequence of
+    perturbations, given the same results; another seed, another."""
+    import random
+
+    lr = LAMBDA + "\n  optim.lr: {type: float, low: 0.001, high: 0.1, log: true}"
+
+    def draws(seed):
+        space = load_space(space_file(tmp_path, study=f", seed: {seed}", space=lr))
+        scheduler(space)  # seeds the decisions
+        decisions = [random.random() for _ in range(3)]
+        resample = mutations(space.params, space.study.seed)["values"]["optim.lr"]
+        return decisions + [resample() for _ in range(3)]
+
+    assert draws(7) == draws(7) and draws(7) != draws(8)
 
 
 CAPPED = """
@@ -297,11 +315,11 @@ def test_a_population_copies_members_resumes_after_its_driver_died_and_exports_t
 
 @pytest.mark.long(50)
 def test_pb2_draws_the_copies_values_from_a_gp_bandit(tmp_path):
-    """study.sampler pb2: PBT whose perturbed values come from Ray's PB2 (a Gaussian-process bandit over
+    """study.scheduler pb2: PBT whose perturbed values come from Ray's PB2 (a Gaussian-process bandit over
     the members' results), clipped into their range; the rest is PBT's."""
     url = f"sqlite:///{tmp_path}/p.db"
     path = space_file(tmp_path, study=", population: 2, perturbation_interval: 1")
-    path.write_text(path.read_text().replace("sampler: pbt", "sampler: pb2").replace("epochs: 6", "epochs: 2"))
+    path.write_text(path.read_text().replace("scheduler: pbt", "scheduler: pb2").replace("epochs: 6", "epochs: 2"))
     proc = subprocess.run([sys.executable, "search/run.py", "--space", str(path), "--storage", url, "--backend", "ray"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
