@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -70,6 +71,17 @@ def _own(config: dict[str, Any], trial_id: str) -> dict[str, Any]:
     return config
 
 
+def exit_quietly(unraisable: Any) -> None:
+    """``sys.unraisablehook`` in a trial's actor. Ray's SIGTERM handler there (a node's shutdown, a
+    preemption) raises ``SystemExit`` at whatever line the main thread is on; inside a finalizer Python
+    would print it as a traceback and go on training. The actor ends as Ray meant, without one (its
+    checkpoints are written atomically, so nothing is cut midway)."""
+    if issubclass(unraisable.exc_type, SystemExit):
+        code = unraisable.exc_value.code
+        os._exit(code if isinstance(code, int) else 1)
+    sys.__unraisablehook__(unraisable)
+
+
 def _trainable(space: Space):
     """The Tune function trainable: the shared trial runner, a ``tune.Checkpoint`` after every epoch.
 
@@ -79,6 +91,7 @@ def _trainable(space: Space):
 
     def train(config: dict[str, Any]) -> None:
         show()  # a Ray worker's own process: its messages reach the driver's output through Ray's
+        sys.unraisablehook = exit_quietly
         if Path(config["cwd"]).is_dir():  # relative paths (data.root) mean what they mean to the driver; Ray's
             os.chdir(config["cwd"])  # workers start in folders of their own
         config = _own(config, tune.get_context().get_trial_id())
