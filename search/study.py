@@ -53,10 +53,12 @@ def _check_identity(space: Space, stored: dict[str, Any], mine: dict[str, Any]) 
     stored = stored | json.loads(json.dumps(defaults))
     for key in sorted(stored.keys() | mine.keys()):
         if stored.get(key) != mine.get(key):
+            keep = (f", or --set {key.removeprefix('base.')}={json.dumps(stored[key])} to go on with it"
+                    if key.startswith("base.") and key in stored else "")
             raise StudyMismatchError(
                 f"{space.path}: study {space.study.name!r} was created with {key}={stored.get(key, 'unset')!r}, this "
                 f"run has {mine.get(key, 'unset')!r}: a different setup is a different study (--study-name NAME, "
-                f"or another study.name)")
+                f"or another study.name{keep})")
 
 
 def create_study(space: Space, storage: optuna.storages.BaseStorage, root: Path) -> optuna.Study:

@@ -330,7 +330,7 @@ def test_report_is_one_self_contained_html_with_every_section(tmp_path, capsys):
     assert f"{spent} trained; {2 * (len(study.trials) + 1)} if every trial had run its full length" in text
     assert "relative to its last layer, the best trial with heads keeps" in text  # computed from the data
     assert "Too few complete trials to estimate them (4 of the 10 needed" in text
-    assert "Verdict: explodes: the first spiking layer gets" in text  # the base's rectangle, at init
+    assert "Verdict: vanishes: the first spiking layer gets" in text  # the default atan surrogate, at init
     assert study.user_attrs["init_gradients"]["layers"][0] == "stem_lif"  # measured once, kept in the study
 
     # the same summary and the SNN figures inside optuna-dashboard, as its web app serves them
@@ -402,6 +402,18 @@ def test_a_study_never_mixes_setups(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "study 'tiny' was created with base.data.timesteps=2, this run has 3" in err
     assert "--study-name NAME" in err and len(trials(url)) == 1  # nothing was added
+
+    # a study made under another default (here: the surrogate before atan) goes on with the fix it names
+    old = ["--space", space, "--storage", url, "--study-name", "old"]
+    assert run_cli.main([*old, "--n-trials", "1", "--set", "neuron.surrogate=rectangle"]) == 0
+    capsys.readouterr()
+    assert run_cli.main([*old, "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "created with base.neuron.surrogate='rectangle', this run has 'atan'" in err
+    fix = err.split("--set ")[1].split(" to go on")[0]
+    assert fix == 'neuron.surrogate="rectangle"'
+    assert run_cli.main([*old, "--n-trials", "2", "--set", fix]) == 0
+    assert len(trials(url, "old")) == 2
 
     wider = tmp_path / "wider.yaml"
     wider.write_text(Path(space).read_text().replace("low: 0.1", "low: 0.0"))

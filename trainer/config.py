@@ -100,8 +100,9 @@ class NeuronConfig(Section):
     threshold: float = Field(0.5, gt=0, description="firing threshold")
     reset: Reset = Field("hard", description="hard: to 0; soft: minus the threshold")
     detach_reset: bool = Field(False, description="no gradient through the reset")
-    surrogate: SurrogateName = Field("rectangle", description="surrogate gradient (trainer/surrogate.py)")
-    alpha: float = Field(1.0, gt=0, description="surrogate sharpness (rectangle: width 1/alpha)")
+    surrogate: SurrogateName = Field("atan", description="surrogate gradient (trainer/surrogate.py); atan trains "
+                                     "deep nets best with heads (docs/benchmarks/depth.md)")
+    alpha: float = Field(1.0, gt=0, description="surrogate sharpness (atan: peak alpha/2; rectangle: width 1/alpha)")
     backend: Literal["fused", "loop"] = Field("fused",
         description="fused: one autograd function with a hand-written backward through time; loop: the "
                     "plain per-timestep reference")

@@ -191,7 +191,7 @@ class LIF(nn.Module):
         threshold: float = 0.5,
         reset: Reset = "hard",
         detach_reset: bool = False,
-        surrogate: Name = "rectangle",
+        surrogate: Name = "atan",
         alpha: float = 1.0,
         backend: Literal["fused", "loop"] = "fused",
         compile: bool = False,
