@@ -111,29 +111,58 @@ def test_train_memory_grows_with_timesteps(tmp_path: Path) -> None:
     assert peaks[0] < peaks[1] < peaks[2], rows  # activations are kept for every timestep
 
 
+TINY_BASE = """
+  data: {name: digits, timesteps: 2, batch_size: 32, limit: 64}
+  model: {arch: resnet20, width: 4}
+  optim: {name: adamw, lr: 0.005, epochs: 4}
+final: {optim.epochs: 2}
+"""
+
+
 @pytest.mark.long(90)
-def test_search_efficiency_compares_random_tpe_and_a_pbt_population(tmp_path: Path) -> None:
-    (searches, final, ranks), rec = bench(tmp_path, "search_efficiency.py", *(
-        "--trials 3 --set optim.epochs=4 --set data.limit=64 --pbt --final-epochs 1".split()))
-    overrides = ["optim.epochs=4", "data.limit=64"]
-    assert rec["args"].items() >= {"trials": 3, "seeds": [0], "overrides": overrides, "pbt": True,
-                                   "final_epochs": 1}.items()
-    assert [r[1] for r in searches] == ["random, no pruning", "TPE + Hyperband", "PBT, population 4"]
+def test_search_efficiency_spends_equal_epochs_and_confirms_each_winner(tmp_path: Path) -> None:
+    """Random, TPE + Hyperband and PBT at equal epochs; each winner, the control's and the recipe confirmed
+    over two seeds, each paired against the control and the recipe."""
+    (tmp_path / "recipe.yaml").write_text("data: {name: digits, timesteps: 2, batch_size: 32, limit: 64}\n"
+                                          "model: {arch: resnet20, width: 4}\nheads: {exits: [default]}\n")
+    (tmp_path / "space.yaml").write_text(
+        "study: {name: tiny, seed: 0, recipe: recipe.yaml}\nbase:" + TINY_BASE + "space:\n"
+        "  heads.exits: {type: subset, choices: [layer1.0, layer2.0]}\n"
+        "  optim.lr: {type: float, low: 1.0e-3, high: 3.0e-2, log: true}\n")
+    (tmp_path / "pbt.yaml").write_text(
+        "study: {name: tiny_pbt, seed: 0, scheduler: pbt}\nbase:\n  heads: {exits: [default]}\n"
+        "  lambda: {schedule: constant}" + TINY_BASE + "space:\n  lambda.start: {type: float, low: 0.0, high: 1.0}\n")
+    (searches, found, ranks), rec = bench(tmp_path, "search_efficiency.py", "--space", str(tmp_path / "space.yaml"),
+                                          "--trials", "3", "--pbt", "--pbt-space", str(tmp_path / "pbt.yaml"),
+                                          "--confirm-seeds", "2")
+    assert rec["args"].items() >= {"trials": 3, "seeds": [0], "pbt": True, "confirm_seeds": 2, "workers": 2}.items()
+    assert [r[1] for r in searches] == ["random, no pruning", "TPE + Hyperband", "PBT"]
     rand, tpe, pop = searches
-    assert type(rand[3]) is int and rand[3] == 3 * 4  # random search runs every trial to the end
-    assert type(tpe[3]) is int and 0 < tpe[3] <= 3 * 4
-    assert pop[3] == 4 * 4  # four members side by side, every epoch
-    assert len(rand) == 6 and len(tpe) == 7  # nothing to reach: random search's best is the target; TPE's own
-    for row, of in ((tpe, rand[3]), (pop, rand[3])):
-        reach = row[6]
-        assert reach is None or (0 < reach["epochs"] <= reach["of"] == of and
-                                 reach["fraction"] == reach["epochs"] / reach["of"]), row
-    assert pop[7] is None or pop[7]["of"] == tpe[3]
-    assert [r[1] for r in final] == ["random, no pruning", "TPE + Hyperband", "PBT"]
-    assert all(0 <= r[3] <= 1 for r in final) and [r[2] for r in final] == [rand[2], tpe[2], pop[2]]
-    assert final[2][4] == 1  # synchronous PBT every 2 epochs: the worst of 4 copies a better member at epoch 2
+    assert rand[3:5] == [3 * 4, 3] and pop[3:5] == [3 * 4, 3]  # every trial and member trains all 4 epochs
+    assert 3 * 4 <= tpe[3] < 3 * 4 + 4 and tpe[4] >= 3  # trials until it spent random's epochs, < one trial over
+    assert rand[5] is None and pop[5] is None and tpe[5] > 0  # only TPE's study runs the control arm
+    assert len(rand) == 7 and len(tpe) == 8 and len(pop) == 9  # to reach: random's best, then TPE's
+    for reach, of in ((tpe[7], rand[3]), (pop[7], rand[3]), (pop[8], tpe[3])):
+        assert reach is None or 0 < reach["epochs"] <= reach["of"] == of
+
+    by = {r[2]: r for r in found}
+    assert sorted(by) == sorted(["random, no pruning", "TPE + Hyperband", "PBT", "control arm (TPE)", "recipe"])
+    assert len({r[1] for r in found}) == 5  # a label per config
+    assert [by[k][3] for k in ("random, no pruning", "TPE + Hyperband", "PBT", "control arm (TPE)")] == [
+        rand[3], tpe[3], pop[3], tpe[5]]
+    control = [float(a) for a in by["control arm (TPE)"][5].split()]
+    recipe = [float(a) for a in by["recipe"][5].split()]
+    for row in found:
+        accs = [float(a) for a in row[5].split()]
+        assert len(accs) == 2 and row[4]["mean"] == pytest.approx(sum(accs) / 2, abs=1e-3)
+        for cell, other, is_self in ((row[6], control, row[2] == "control arm (TPE)"), (row[7], recipe, row[2] == "recipe")):
+            if is_self:
+                assert cell is None
+            else:  # paired by seed: the mean difference, inside its interval
+                assert cell["mean"] == pytest.approx(sum(accs) / 2 - sum(other) / 2, abs=2e-3)
+                assert cell["low"] <= cell["mean"] <= cell["high"]
     (rhos,) = ranks  # seed 0, then Spearman's rho after 1, 2 and 3 of the 4 epochs
-    assert rhos[0] == 0 and len(rhos) == 1 + 3 and all(isinstance(rho, float) for rho in rhos[1:])
+    assert rhos[0] == 0 and len(rhos) == 1 + 3
 
 
 def test_shortcut_heads_flow_table_shows_where_the_heads_send_gradient(tmp_path: Path) -> None:
