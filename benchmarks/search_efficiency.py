@@ -217,7 +217,8 @@ def main() -> None:
             recipe = next((r for r in result.results if r.arm == "recipe"), None)
             for r in result.results:
                 c = against.get(r.label)
-                vs_recipe = (compare(r.label, dict(zip(r.seeds, r.test_acc)), dict(zip(recipe.seeds, recipe.test_acc)))
+                vs_recipe = (compare(r.label, dict(zip(r.seeds, r.test_acc)),
+                                     dict(zip(recipe.seeds, recipe.test_acc)), "the recipe")
                              if recipe is not None and r is not recipe else None)
                 search_epochs = runs[r.arm]["epochs"] if r.arm in runs else (
                     runs["heads"]["control_epochs"] if r.arm == "control" else None)

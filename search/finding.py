@@ -80,8 +80,9 @@ class Finding(BaseModel):
         return "\n".join([*lines, "", *verdicts, f"- winner: {self.winner}"])
 
 
-def compare(label: str, mine: dict[int, float], control: dict[int, float]) -> Comparison:
-    """``mine`` against ``control`` at the seeds both finished: the paired differences, their mean, a 95%
+def compare(label: str, mine: dict[int, float], control: dict[int, float], against: str = "the control") -> Comparison:
+    """``mine`` against ``control`` (named ``against`` in the verdict: the control arm, or another config such
+    as the recipe) at the seeds both finished: the paired differences, their mean, a 95%
     interval (Student's t) and a verdict. With a handful of seeds t is wide (12.7 sd/sqrt(2) at 2 seeds,
     4.3 sd/sqrt(3) at 3): a difference must be large and steady to be told apart from seed noise."""
     from scipy.stats import t
@@ -98,9 +99,9 @@ def compare(label: str, mine: dict[int, float], control: dict[int, float]) -> Co
     low, high = mean - half, mean + half
     interval = f"{mean:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}], better at {better} of {n} seeds"
     if low > 0:
-        verdict = f"better than the control: {interval}"
+        verdict = f"better than {against}: {interval}"
     elif high < 0:
-        verdict = f"worse than the control: {interval}"
+        verdict = f"worse than {against}: {interval}"
     else:
         verdict = f"no evidence of a difference at {n} seeds: {interval}"
     return Comparison(label=label, differences=diffs, mean=mean, low=low, high=high, better=better, verdict=verdict)

@@ -161,6 +161,8 @@ def test_search_efficiency_spends_equal_epochs_and_confirms_each_winner(tmp_path
             else:  # paired by seed: the mean difference, inside its interval
                 assert cell["mean"] == pytest.approx(sum(accs) / 2 - sum(other) / 2, abs=2e-3)
                 assert cell["low"] <= cell["mean"] <= cell["high"]
+                named = "the control" if other is control else "the recipe"
+                assert cell["verdict"].startswith("no evidence") or f"than {named}:" in cell["verdict"]
     (rhos,) = ranks  # seed 0, then Spearman's rho after 1, 2 and 3 of the 4 epochs
     assert rhos[0] == 0 and len(rhos) == 1 + 3
 

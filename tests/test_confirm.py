@@ -141,6 +141,8 @@ def test_the_verdict_is_read_off_a_paired_t_interval(diffs, verdict):
     mine = {s: 0.5 + d for s, d in enumerate(diffs)}
     c = compare("heads #1", mine, control)
     assert c.verdict.startswith(verdict)
+    assert compare("heads #1", mine, control, "the recipe").verdict.startswith(
+        verdict.replace("than the control", "than the recipe"))
     if len(diffs) > 1:  # mean +- t(0.975, n-1) sd / sqrt(n), by hand: t(0.975, 2) = 4.302653
         half = 4.302653 * statistics.stdev(diffs) / math.sqrt(len(diffs))
         assert (c.low, c.high) == pytest.approx((statistics.fmean(diffs) - half, statistics.fmean(diffs) + half))
