@@ -93,13 +93,11 @@ def search(space: Path, tmp: Path, name: str, sampler: str, pruner: str, seed: i
     while True:
         snn("search/run.py", "--space", str(path), "--storage", url, "--n-trials", str(n), "--workers",
             str(args.workers), *sets)
-        study = load_study(name, url)
-        have = spent(finished(study))
-        if budget is None or have >= budget:
+        done = finished(load_study(name, url))
+        if budget is None or spent(done) >= budget:
             break
-        n += max(1, math.ceil((budget - have) / epochs))  # at least one trial more; pruned ones cost less
+        n += max(1, math.ceil((budget - spent(done)) / epochs))  # at least one trial more; pruned ones cost less
     seconds = time.perf_counter() - t0
-    done = finished(study)
     curve, best, curves, total = [], float("-inf"), [], 0
     for t in done:
         total += t.user_attrs.get("epochs_run", 0)
@@ -178,16 +176,14 @@ def main() -> None:
                      + "; val_acc (a pruned trial counts the value it ended on)",
                      "seed", "search", Column("best val acc", "{:.3f}"), "epochs spent", "trials",
                      Column("control arm epochs", "{}"), Column("wall s", "{:.0f}"),
-                     Column("epochs to reach random's best", "{0[epochs]} of {0[of]} = {0[fraction]:.0%}",
-                            none="not reached"),
-                     Column("epochs to reach TPE's best", "{0[epochs]} of {0[of]} = {0[fraction]:.0%}",
-                            none="not reached"))
+                     *(Column(f"epochs to reach {of}'s best", "{0[epochs]} of {0[of]} = {0[fraction]:.0%}",
+                              none="not reached") for of in ("random", "TPE")))
     found = Table(f"each search's best, the control arm's best and the recipe retrained at full length on train + "
                   f"validation, {args.confirm_seeds} seeds each, test acc; paired differences, 95% t intervals",
                   "seed", "config", "found by", Column("search epochs", "{}"),
                   Column("test acc (mean ± sd)", "{0[mean]:.4f} ± {0[sd]:.4f}"), "per seed",
-                  Column("vs. control: mean, 95% CI", "{0[mean]:+.4f} [{0[low]:+.4f}, {0[high]:+.4f}]"),
-                  Column("vs. recipe: mean, 95% CI", "{0[mean]:+.4f} [{0[low]:+.4f}, {0[high]:+.4f}]"))
+                  *(Column(f"vs. {of}: mean, 95% CI", "{0[mean]:+.4f} [{0[low]:+.4f}, {0[high]:+.4f}]")
+                    for of in ("control", "recipe")))
     ranks_rows = []
     print(f"# {searches.title}\n{searches.header()}", flush=True)
     findings = []
